@@ -1,0 +1,291 @@
+"""StableDiffusion: load a checkpoint folder, encode prompts, run the denoising loop, decode images.
+
+The loop is a generator (`generate_latents`) that yields the latents after every step, so callers
+own progress bars, snapshots and early stopping. Randomness follows diffusers exactly: one CPU
+`torch.Generator` seeded with `seed` draws the VAE posterior sample (img2img), then the initial
+noise, then any ancestral noise — so a seed gives the reference implementation's image.
+"""
+
+import math
+import random
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .clip import CLIPTextModel
+from .config import CLIPConfig, UNetConfig, VAEConfig
+from .loading import load_component, read_json
+from .samplers import SAMPLERS, default_sampler, make_plan
+from .schedules import ScheduleConfig
+from .tokenizer import CLIPTokenizer
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
+
+BUNDLED_MODEL = Path(__file__).parent / "data" / "bundled"
+# img2img inputs are cut to this multiple, as the common Stable Diffusion front ends do.
+IMAGE_MULTIPLE = 64
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Generation settings used when the caller gives none; a model folder's sdlite.json may override."""
+
+    steps: int = 50  # diffusers' default
+    cfg: float = 7.5
+    sampler: str | None = None  # None: follow the checkpoint's scheduler class
+    name: str | None = None  # None: the folder's name
+
+
+class StableDiffusion:
+    """A loaded Stable Diffusion model (SD 1.x / 2.x) and the ways to generate images with it."""
+
+    def __init__(self, tokenizer, text_encoder, unet, vae, schedule: ScheduleConfig, defaults: Defaults, path: Path):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.vae = vae
+        self.schedule = schedule
+        self.path = path
+        self.name = defaults.name or path.name
+        self.default_steps = defaults.steps
+        self.default_cfg = defaults.cfg
+        self.default_sampler = defaults.sampler or default_sampler(schedule)
+        factor = vae.config.downscale_factor
+        self.default_size = (unet.config.sample_size * factor, unet.config.sample_size * factor)
+        self.sampler_names = tuple(SAMPLERS)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
+    ) -> "StableDiffusion":
+        """Load a diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+        scheduler/); with no path, the model bundled with sdlite. `allow_pickle` permits .bin
+        weights, which can run code when read: use it only for files you trust."""
+        path = BUNDLED_MODEL if path is None else Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"model folder not found: {path}")
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} is not a diffusers-layout model folder (no model_index.json)")
+        text_config = CLIPConfig.from_json(read_json(path / "text_encoder" / "config.json"))
+        unet_config = UNetConfig.from_json(read_json(path / "unet" / "config.json"))
+        vae_config = VAEConfig.from_json(read_json(path / "vae" / "config.json"))
+        schedule = ScheduleConfig.from_json(read_json(path / "scheduler" / "scheduler_config.json"))
+        load = dict(device=device, allow_pickle=allow_pickle)
+        # A VAE flagged force_upcast overflows in half precision (black images): keep it in fp32.
+        vae_dtype = torch.float32 if vae_config.force_upcast and dtype == torch.float16 else dtype
+        return cls(
+            tokenizer=CLIPTokenizer.from_folder(path / "tokenizer"),
+            text_encoder=load_component(CLIPTextModel, text_config, path / "text_encoder", dtype, **load),
+            unet=load_component(UNet2DConditionModel, unet_config, path / "unet", dtype, **load),
+            vae=load_component(AutoencoderKL, vae_config, path / "vae", vae_dtype, **load),
+            schedule=schedule,
+            defaults=read_defaults(path / "sdlite.json"),
+            path=path,
+        )
+
+    # -- text ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_prompt(self, prompt: str, negative_prompt: str, n_images: int, guided: bool) -> torch.Tensor:
+        """Text conditioning for a batch: (2N, T, D) as [negative]*N + [prompt]*N when guided."""
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if not isinstance(text, str):
+                raise ValueError(f"{name} must be a string, got {type(text).__name__}")
+        prompts = [negative_prompt, prompt] if guided else [prompt]
+        ids = torch.tensor(self.tokenizer(prompts), device=self.device)
+        states = self.text_encoder(ids).last_hidden_state  # (1 or 2, T, D)
+        return states.repeat_interleave(n_images, dim=0)
+
+    # -- denoising ----------------------------------------------------------------------------
+
+    def num_denoising_steps(self, steps: int | None = None, strength: float = 1.0, sampler: str | None = None) -> int:
+        """How many steps `generate_latents` (strength 1) or its img2img variant will yield."""
+        return self._plan(sampler, steps, strength).num_steps
+
+    def _plan(self, sampler, steps, strength):
+        sampler = self.default_sampler if sampler is None else sampler
+        steps = self.default_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        return make_plan(sampler, self.schedule, steps, strength)
+
+    def _latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
+        factor = self.vae.config.downscale_factor
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < factor or value % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8 (at least {factor}), got {value!r}")
+        return height // factor, width // factor
+
+    def _denoise(self, x, plan, context, cfg, generator) -> Iterator[tuple[int, torch.Tensor]]:
+        guided = cfg > 1
+
+        def model(x_in: torch.Tensor, t) -> torch.Tensor:
+            if not guided:
+                return self.unet(x_in, t, context)
+            uncond, cond = self.unet(torch.cat([x_in, x_in]), t, context).chunk(2)
+            return uncond + cfg * (cond - uncond)
+
+        with torch.inference_mode():
+            for i, x in enumerate(plan.sample(model, x, generator=generator)):
+                yield i, plan.to_latents(x, i)
+
+    def _setup(self, prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength):
+        if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
+            raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
+        cfg = self.default_cfg if cfg is None else cfg
+        if not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
+            raise ValueError(f"cfg must be a finite number, got {cfg!r}")
+        plan = self._plan(sampler, steps, strength)
+        context = self.encode_prompt(prompt, negative_prompt, n_images, guided=cfg > 1)
+        seed = random.randrange(2**32) if seed is None else seed
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return plan, context, cfg, generator
+
+    def _noise(self, shape, generator) -> torch.Tensor:
+        # Drawn on the CPU in the model's dtype, as diffusers' randn_tensor does.
+        return torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+
+    def generate_latents(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        n_images: int = 1,
+        steps: int | None = None,
+        cfg: float | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Text to image: yield (step index, latents) after every denoising step.
+
+        cfg <= 1 turns classifier-free guidance off (one UNet pass per step), as in diffusers.
+        """
+        latent_h, latent_w = self._latent_size(height, width)
+        plan, context, cfg, generator = self._setup(prompt, negative_prompt, n_images, steps, cfg, seed, sampler, 1.0)
+        channels = self.unet.config.in_channels
+        x = self._noise((n_images, channels, latent_h, latent_w), generator) * plan.init_noise_sigma
+        yield from self._denoise(x, plan, context, cfg, generator)
+
+    def generate_latents_from_image(
+        self,
+        image: Image.Image,
+        prompt: str,
+        strength: float = 0.8,
+        negative_prompt: str = "",
+        n_images: int = 1,
+        steps: int | None = None,
+        cfg: float | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Image to image: encode `image`, noise it for `strength` (0 keeps it, 1 replaces it with
+        pure noise) and denoise the remaining steps, yielding (step index, latents).
+
+        The image is used at its own size (or resized to height x width when given); sides that
+        are not multiples of 64 are cut down to one, with a warning.
+        """
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+        pixels = image_to_tensor(self.fit_image(image, height, width)).to(self.device)
+        plan, context, cfg, generator = self._setup(
+            prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength
+        )
+        with torch.inference_mode():
+            posterior = self.vae.encode(pixels.to(self.vae.dtype))
+            x0 = posterior.sample(generator).to(self.dtype) * self.vae.config.scaling_factor
+        x0 = x0.repeat(n_images, 1, 1, 1)
+        noise = self._noise(x0.shape, generator)
+        yield from self._denoise(plan.add_noise(x0, noise), plan, context, cfg, generator)
+
+    def fit_image(self, image: Image.Image, height: int | None = None, width: int | None = None) -> Image.Image:
+        """The RGB image img2img works on: resized to height x width when given, then cut down to
+        multiples of 64 (with a warning)."""
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"image must be a PIL image, got {type(image).__name__}")
+        if height is not None or width is not None:
+            height = image.height if height is None else height
+            width = image.width if width is None else width
+            self._latent_size(height, width)
+            image = image.resize((width, height), Image.LANCZOS)
+        w, h = image.size
+        new_w, new_h = w - w % IMAGE_MULTIPLE, h - h % IMAGE_MULTIPLE
+        if new_w == 0 or new_h == 0:
+            raise ValueError(f"image is {w}x{h}; img2img needs at least {IMAGE_MULTIPLE}x{IMAGE_MULTIPLE} pixels")
+        if (new_w, new_h) != (w, h):
+            warnings.warn(
+                f"image is {w}x{h}, not a multiple of {IMAGE_MULTIPLE}: resized to {new_w}x{new_h}",
+                stacklevel=3,
+            )
+            image = image.resize((new_w, new_h), Image.LANCZOS)
+        return image.convert("RGB")
+
+    # -- images -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> list[Image.Image]:
+        """Latents (N, C, h, w) to N PIL images, decoding at most `batch_size` at a time."""
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = batch_size or len(latents)
+        images = []
+        for chunk in latents.split(batch_size):
+            pixels = self.vae.decode(chunk.to(self.vae.dtype) / self.vae.config.scaling_factor)
+            pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+            images += [Image.fromarray(a) for a in (pixels * 255).round().astype(np.uint8)]
+        return images
+
+    def text_to_image(self, prompt: str, *, decode_batch_size: int | None = None, **kwargs) -> list[Image.Image]:
+        """Generate images from text; keywords as for `generate_latents`."""
+        latents = None
+        for _, latents in self.generate_latents(prompt, **kwargs):
+            pass
+        return self.decode(latents, decode_batch_size)
+
+    def image_to_image(
+        self, image: Image.Image, prompt: str, strength: float = 0.8, *, decode_batch_size: int | None = None, **kwargs
+    ) -> list[Image.Image]:
+        """Transform an image guided by text; keywords as for `generate_latents_from_image`."""
+        latents = None
+        for _, latents in self.generate_latents_from_image(image, prompt, strength, **kwargs):
+            pass
+        if latents is None:  # strength 0: no step runs, the image comes back unchanged
+            fitted = self.fit_image(image, kwargs.get("height"), kwargs.get("width"))
+            return [fitted.copy() for _ in range(kwargs.get("n_images", 1))]
+        return self.decode(latents, decode_batch_size)
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a (1, 3, H, W) float tensor in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2 - 1
+
+
+def read_defaults(path: Path) -> Defaults:
+    """The optional sdlite.json of a model folder: default steps, cfg, sampler and display name."""
+    if not path.is_file():
+        return Defaults()
+    settings = read_json(path)
+    fields = {k: settings[k] for k in ("steps", "cfg", "sampler", "name") if k in settings}
+    return Defaults(**fields)
