@@ -1,0 +1,172 @@
+"""End-to-end parity: sdlite's images equal diffusers' for the same model, seed and sampler.
+
+Tolerance: at most 2/255 per pixel (fp32). The networks agree to ~1e-5, so rounding to 8 bits
+is where the remaining one-level differences come from.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import MODEL_KINDS
+from sdlite import StableDiffusion
+
+diffusers = pytest.importorskip("diffusers")
+from reference_models import load_reference_pipeline  # noqa: E402
+
+# sdlite sampler -> the diffusers scheduler the reference pipeline is given.
+REFERENCE_SCHEDULERS = {
+    "ddim": (diffusers.DDIMScheduler, {}),
+    "pndm": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
+    "euler": (diffusers.EulerDiscreteScheduler, {}),
+    "euler_a": (diffusers.EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (diffusers.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+}
+PROMPT = "a red circle on a blue background, digital art"
+STEPS = 6
+HEIGHT, WIDTH = 40, 64  # non-square, and a latent height (5) that is not a multiple of the UNet's down factor
+
+_loaded = {}
+
+
+def pipelines(folder, img2img=False):
+    """sdlite and diffusers pipelines for one model folder, cached across tests."""
+    key = (folder, img2img)
+    if key not in _loaded:
+        _loaded[key] = (StableDiffusion.from_pretrained(folder), load_reference_pipeline(folder, img2img))
+    return _loaded[key]
+
+
+def max_pixel_diff(ours: list[Image.Image], theirs: list[Image.Image]) -> int:
+    assert len(ours) == len(theirs)
+    a = np.stack([np.asarray(im, dtype=np.int16) for im in ours])
+    b = np.stack([np.asarray(im, dtype=np.int16) for im in theirs])
+    assert a.shape == b.shape
+    return int(np.abs(a - b).max())
+
+
+def use_sampler(reference, sampler):
+    cls, overrides = REFERENCE_SCHEDULERS[sampler]
+    reference.scheduler = cls.from_config(reference.scheduler.config, **overrides)
+
+
+@pytest.fixture(scope="module", params=MODEL_KINDS, ids=lambda k: "-".join(k))
+def model_folder(request, reference_model):
+    return reference_model(*request.param)
+
+
+@pytest.mark.parametrize("negative_prompt", ["", "blurry, low quality"])
+@pytest.mark.parametrize("sampler", list(REFERENCE_SCHEDULERS))
+def test_text_to_image_matches_diffusers(model_folder, sampler, negative_prompt):
+    sd, reference = pipelines(model_folder)
+    use_sampler(reference, sampler)
+    seed = 1234
+    ours = sd.text_to_image(
+        PROMPT, negative_prompt=negative_prompt, n_images=2, steps=STEPS, cfg=7.5, seed=seed,
+        sampler=sampler, height=HEIGHT, width=WIDTH,
+    )
+    theirs = reference(
+        PROMPT, negative_prompt=negative_prompt, num_images_per_prompt=2, num_inference_steps=STEPS,
+        guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(seed), height=HEIGHT, width=WIDTH,
+    ).images
+    assert ours[0].size == (WIDTH, HEIGHT)
+    assert max_pixel_diff(ours, theirs) <= 2
+
+
+def source_image() -> Image.Image:
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:64, 0:128]
+    pixels = np.stack([x * 2, y * 4, (x + y) % 256], axis=-1) + rng.integers(0, 30, (64, 128, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("negative_prompt", ["", "blurry"])
+@pytest.mark.parametrize("sampler", list(REFERENCE_SCHEDULERS))
+def test_image_to_image_matches_diffusers(model_folder, sampler, negative_prompt):
+    sd, reference = pipelines(model_folder, img2img=True)
+    use_sampler(reference, sampler)
+    image, seed, strength = source_image(), 99, 0.6
+    ours = sd.image_to_image(
+        image, PROMPT, strength=strength, negative_prompt=negative_prompt, n_images=2, steps=STEPS,
+        cfg=5.0, seed=seed, sampler=sampler,
+    )
+    theirs = reference(
+        PROMPT, image=image, strength=strength, negative_prompt=negative_prompt, num_images_per_prompt=2,
+        num_inference_steps=STEPS, guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(seed),
+    ).images
+    assert ours[0].size == image.size
+    assert max_pixel_diff(ours, theirs) <= 2
+
+
+def test_generate_latents_yields_every_step(reference_model):
+    sd = StableDiffusion.from_pretrained(reference_model("sd1"))
+    steps = list(sd.generate_latents(PROMPT, steps=5, seed=0, sampler="euler"))
+    assert [i for i, _ in steps] == list(range(5))
+    assert steps[-1][1].shape == (1, 4, 8, 8)
+    # the last yielded latents are what text_to_image decodes
+    final = sd.decode(steps[-1][1])[0]
+    assert max_pixel_diff([final], sd.text_to_image(PROMPT, steps=5, seed=0, sampler="euler")) == 0
+    assert sd.num_denoising_steps(5) == 5
+
+
+def test_same_seed_same_image_and_seed_changes_image(reference_model):
+    sd = StableDiffusion.from_pretrained(reference_model("sd1"))
+    a, b, c = (sd.text_to_image(PROMPT, steps=3, seed=s)[0] for s in (7, 7, 8))
+    assert max_pixel_diff([a], [b]) == 0
+    assert max_pixel_diff([a], [c]) > 0
+
+
+def test_cfg_one_disables_guidance(reference_model):
+    folder = reference_model("sd1")
+    sd, reference = pipelines(folder)
+    use_sampler(reference, "ddim")
+    ours = sd.text_to_image(PROMPT, steps=3, cfg=1.0, seed=3, sampler="ddim")
+    theirs = reference(PROMPT, num_inference_steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(3)).images
+    assert max_pixel_diff(ours, theirs) <= 2
+
+
+def test_image_to_image_strength_zero_returns_the_image(reference_model):
+    sd = StableDiffusion.from_pretrained(reference_model("sd1"))
+    image = source_image()
+    out = sd.image_to_image(image, PROMPT, strength=0.0, steps=4, seed=0)
+    assert max_pixel_diff(out, [image]) == 0
+
+
+def test_image_sides_are_cut_to_multiples_of_64(reference_model):
+    sd = StableDiffusion.from_pretrained(reference_model("sd1"))
+    image = source_image().resize((100, 70))
+    with pytest.warns(UserWarning, match="100x70.*64x64"):
+        out = sd.image_to_image(image, PROMPT, strength=0.5, steps=2, seed=0)
+    assert out[0].size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=60), "height must be a positive multiple of 8"),
+        (dict(width=0), "width must be a positive multiple of 8"),
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(sampler="heun"), "ddim"),
+        (dict(n_images=0), "n_images must be a positive integer"),
+        (dict(cfg=float("nan")), "cfg must be a finite number"),
+    ],
+)
+def test_bad_generation_settings_raise_clear_errors(reference_model, kwargs, message):
+    sd = StableDiffusion.from_pretrained(reference_model("sd1"))
+    with pytest.raises(ValueError, match=message):
+        next(sd.generate_latents(PROMPT, **kwargs))
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5, "0.5"])
+def test_strength_outside_unit_interval_is_refused(reference_model, strength):
+    sd = StableDiffusion.from_pretrained(reference_model("sd1"))
+    with pytest.raises(ValueError, match=r"strength must be a number in \[0, 1\]"):
+        next(sd.generate_latents_from_image(source_image(), PROMPT, strength=strength))
+
+
+def test_long_prompt_is_truncated_with_a_warning(reference_model):
+    sd = StableDiffusion.from_pretrained(reference_model("sd1"))
+    with pytest.warns(UserWarning, match="truncat"):
+        next(sd.generate_latents("a red circle " * 40, steps=1, seed=0))
