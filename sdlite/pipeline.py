@@ -67,6 +67,10 @@ class StableDiffusion:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
     @classmethod
     def from_pretrained(
         cls,
@@ -213,7 +217,7 @@ class StableDiffusion:
             prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength
         )
         with torch.inference_mode():
-            posterior = self.vae.encode(pixels.to(self.vae.dtype))
+            posterior = self.vae.encode(pixels.to(self.vae_dtype))
             x0 = posterior.sample(generator).to(self.dtype) * self.vae.config.scaling_factor
         x0 = x0.repeat(n_images, 1, 1, 1)
         noise = self._noise(x0.shape, generator)
@@ -251,7 +255,7 @@ class StableDiffusion:
         batch_size = batch_size or len(latents)
         images = []
         for chunk in latents.split(batch_size):
-            pixels = self.vae.decode(chunk.to(self.vae.dtype) / self.vae.config.scaling_factor)
+            pixels = self.vae.decode(chunk.to(self.vae_dtype) / self.vae.config.scaling_factor)
             pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
             images += [Image.fromarray(a) for a in (pixels * 255).round().astype(np.uint8)]
         return images
