@@ -1,0 +1,278 @@
+"""Numeric parity of sdlite's CLIP text encoder, UNet and VAE with transformers/diffusers.
+
+Each reference module comes from `reference_models.build_components` (tiny random SD 1.x / SD 2.x
+shapes) or from a tiny SDXL-like config below. Ours is built on the meta device from the reference's
+config json and loaded with `load_state_dict(strict=True, assign=True)`, exactly as the loader does.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from reference_models import CROSS_ATTENTION_DIM, build_components
+from sdlite.clip import CLIPTextModel
+from sdlite.config import CLIPConfig, UNetConfig, VAEConfig
+from sdlite.unet import UNet2DConditionModel
+from sdlite.vae import AutoencoderKL
+
+REFERENCE_CONFIGS = Path("/work/shared/reference-configs")
+TOL = 1e-4  # max abs difference relative to the reference output's max abs
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = TOL):
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    scale = ref.abs().max().item()
+    err = (ours - ref).abs().max().item()
+    assert err <= tol * scale, f"max abs diff {err:.3g} > {tol} * {scale:.3g}"
+
+
+def clip_state_dict(ref) -> dict:
+    """transformers >= 5 drops CLIPTextModel's `text_model.` prefix (in memory and when saving);
+    checkpoints on the Hub and sdlite keep it. CLIPTextModelWithProjection keeps it in both."""
+    return {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
+            for k, v in ref.state_dict().items()}
+
+
+def build_ours(cls, config, state_dict: dict):
+    with torch.device("meta"):
+        model = cls(config)
+    assert set(model.state_dict()) == set(state_dict)  # exact key sets, before loading
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def sdxl_components(seed: int = 0) -> dict:
+    """Tiny SDXL-shaped UNet (DownBlock first, transformer_layers_per_block list, text_time
+    embedding) and a CLIPTextModelWithProjection (gelu, projection) for text_encoder_2."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text_dim, time_dim = 24, 8
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, layers_per_block=2, norm_num_groups=8, cross_attention_dim=2 * CROSS_ATTENTION_DIM,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=text_dim + 6 * time_dim,
+    )
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=CROSS_ATTENTION_DIM, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+        projection_dim=text_dim, max_position_embeddings=77, vocab_size=49408, bos_token_id=49406,
+        eos_token_id=49407, hidden_act="gelu", pad_token_id=1,
+    ))
+    with torch.no_grad():
+        for module in (unet, text_encoder):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    return dict(unet=unet.eval(), text_encoder=text_encoder.eval())
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def components(request):
+    return build_components(request.param)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return sdxl_components()
+
+
+def token_ids(batch: int = 2, T: int = 77) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49406, (batch, T), generator=g)
+    ids[:, 0] = 49406
+    ids[0, 7:] = 49407  # padded with eos (SD 1.x)
+    ids[1, 12] = 49407  # eos then other padding (SD 2.x's "!")
+    return ids
+
+
+def unet_inputs(B: int, H: int, W: int, D: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 4, H, W, generator=g), torch.randn(B, 77, D, generator=g)
+
+
+# ---------------------------------------------------------------------------------------- CLIP
+
+def check_clip(ref, ours, ids):
+    with torch.no_grad():
+        r = ref(ids, output_hidden_states=True)
+        o = ours(ids)
+    assert_close(o.last_hidden_state, r.last_hidden_state)
+    assert_close(o.penultimate_hidden_state, r.hidden_states[-2])
+    return o, r
+
+
+def test_clip(components):
+    ref = components["text_encoder"]
+    ours = build_ours(CLIPTextModel, CLIPConfig.from_json(ref.config.to_dict()), clip_state_dict(ref))
+    o, r = check_clip(ref, ours, token_ids())
+    assert_close(o.pooled_output, r.pooler_output)
+    assert o.text_embeds is None
+
+
+def test_clip_old_eos_rule(components):
+    """Configs with eos_token_id=2 (pre transformers#24773) pool at the highest token id."""
+    from transformers import CLIPTextModel as RefCLIP
+
+    ref = components["text_encoder"]
+    ref_config = ref.config.to_dict() | {"eos_token_id": 2}
+    ref2 = RefCLIP(type(ref.config)(**ref_config)).eval()
+    ref2.load_state_dict(ref.state_dict())
+    ours = build_ours(CLIPTextModel, CLIPConfig.from_json(ref_config), clip_state_dict(ref2))
+    ids = token_ids()
+    ids[0, 7:] = 1  # no eos at all: the argmax rule picks the highest id, the new rule position 0
+    o, r = check_clip(ref2, ours, ids)
+    assert_close(o.pooled_output, r.pooler_output)
+
+
+def test_clip_with_projection(sdxl):
+    ref = sdxl["text_encoder"]
+    config = CLIPConfig.from_json(ref.config.to_dict(), with_projection=True)
+    ours = build_ours(CLIPTextModel, config, clip_state_dict(ref))
+    o, r = check_clip(ref, ours, token_ids())
+    assert_close(o.text_embeds, r.text_embeds)
+
+
+# ---------------------------------------------------------------------------------------- UNet
+
+def test_unet(components):
+    ref = components["unet"]
+    ours = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(ref.config)), ref.state_dict())
+    for (H, W), t in (((8, 8), torch.tensor([10, 981])), ((5, 8), 333.5), ((8, 8), 999), ((6, 10), torch.tensor(0.25))):
+        x, ctx = unet_inputs(2, H, W, CROSS_ATTENTION_DIM)
+        with torch.no_grad():
+            assert_close(ours(x, t, ctx), ref(x, t, ctx).sample)
+
+
+def test_unet_sdxl(sdxl):
+    ref = sdxl["unet"]
+    config = UNetConfig.from_json(dict(ref.config))
+    assert config.is_sdxl
+    ours = build_ours(UNet2DConditionModel, config, ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    added = {"text_embeds": torch.randn(2, 24, generator=g),
+             "time_ids": torch.tensor([[64.0, 40, 0, 0, 64, 40], [64, 64, 8, 0, 64, 64]])}
+    for (H, W), t in (((8, 8), torch.tensor([10, 981])), ((5, 8), 333.5)):
+        x, ctx = unet_inputs(2, H, W, 2 * CROSS_ATTENTION_DIM)
+        with torch.no_grad():
+            assert_close(ours(x, t, ctx, added), ref(x, t, ctx, added_cond_kwargs=added).sample)
+    with pytest.raises(ValueError, match="added_cond"):
+        ours(x, 1, ctx)
+
+
+# ----------------------------------------------------------------------------------------- VAE
+
+def test_vae(components):
+    ref = components["vae"]
+    ours = build_ours(AutoencoderKL, VAEConfig.from_json(dict(ref.config)), ref.state_dict())
+    assert ours.config.downscale_factor == 8
+    x = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        dist, ref_dist = ours.encode(x), ref.encode(x).latent_dist
+        assert_close(dist.mean, ref_dist.mean)
+        assert_close(dist.logvar, ref_dist.logvar)
+        assert_close(dist.mode(), ref_dist.mode())
+        sample = dist.sample(torch.Generator().manual_seed(42))
+        assert_close(sample, ref_dist.sample(torch.Generator().manual_seed(42)))
+        z = torch.randn(2, 4, 5, 3, generator=torch.Generator().manual_seed(1))
+        assert_close(ours.decode(z), ref.decode(z).sample)
+
+
+# ------------------------------------------------------------------------------ low precision
+
+def test_bf16_forward(components):
+    unet, vae, te = components["unet"], components["vae"], components["text_encoder"]
+    dt = torch.bfloat16
+    ours_unet = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(unet.config)), unet.state_dict()).to(dt)
+    ours_vae = build_ours(AutoencoderKL, VAEConfig.from_json(dict(vae.config)), vae.state_dict()).to(dt)
+    ours_te = build_ours(CLIPTextModel, CLIPConfig.from_json(te.config.to_dict()), clip_state_dict(te)).to(dt)
+    x, ctx = unet_inputs(2, 5, 8, CROSS_ATTENTION_DIM)
+    with torch.no_grad():
+        h = ours_te(token_ids()).last_hidden_state
+        eps = ours_unet(x.to(dt), torch.tensor([500, 20]), ctx.to(dt))
+        ref_eps = unet(x, torch.tensor([500, 20]), ctx).sample
+        img = ours_vae.decode(x.to(dt))
+        lat = ours_vae.encode(img).sample(torch.Generator().manual_seed(0))
+    for out in (h, eps, img, lat):
+        assert out.dtype == dt and torch.isfinite(out).all()
+    assert_close(eps.float(), ref_eps, tol=0.1)  # bf16 has ~3 significant digits
+
+
+# -------------------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("model", ["sd-1.5", "sd-2.1-base", "sd-2.1-768-v", "sdxl-base-1.0"])
+def test_reference_configs_build_with_diffusers_names(model):
+    """The real configs parse and give exactly diffusers'/transformers' keys and shapes (on meta)."""
+    import diffusers
+    import transformers
+
+    folder = REFERENCE_CONFIGS / model
+    if not folder.exists():
+        pytest.skip(f"{folder} missing")
+    read = lambda part: json.loads((folder / part / "config.json").read_text())  # noqa: E731
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    with torch.device("meta"):
+        d = read("unet")
+        assert shapes(UNet2DConditionModel(UNetConfig.from_json(d))) == shapes(
+            diffusers.UNet2DConditionModel.from_config(d))
+        d = read("vae")
+        assert shapes(AutoencoderKL(VAEConfig.from_json(d))) == shapes(diffusers.AutoencoderKL.from_config(d))
+        for part, ref_cls in (("text_encoder", transformers.CLIPTextModel),
+                              ("text_encoder_2", transformers.CLIPTextModelWithProjection)):
+            if (folder / part).exists():
+                d = read(part)
+                ours = CLIPTextModel(CLIPConfig.from_json(d, with_projection=part == "text_encoder_2"))
+                assert shapes(ours) == shapes_prefixed(ref_cls(transformers.CLIPTextConfig(**d)))
+
+
+def shapes_prefixed(ref) -> dict:
+    return {k: tuple(v.shape) for k, v in clip_state_dict(ref).items()}
+
+
+def test_config_properties():
+    unet = UNetConfig.from_json(json.loads((REFERENCE_CONFIGS / "sd-2.1-base/unet/config.json").read_text()))
+    assert unet.num_attention_heads == (5, 10, 20, 20) and unet.use_linear_projection
+    assert unet.transformer_layers_per_block == (1, 1, 1, 1) and unet.layers_per_block == (2, 2, 2, 2)
+    assert unet.time_embed_dim == 1280 and unet.downscale_factor == 8 and not unet.is_sdxl
+    xl = UNetConfig.from_json(json.loads((REFERENCE_CONFIGS / "sdxl-base-1.0/unet/config.json").read_text()))
+    assert xl.is_sdxl and xl.transformer_layers_per_block == (1, 2, 10) and xl.cross_attention_dim == 2048
+    vae = VAEConfig.from_json(json.loads((REFERENCE_CONFIGS / "sdxl-base-1.0/vae/config.json").read_text()))
+    assert vae.downscale_factor == 8 and vae.scaling_factor == 0.13025 and vae.force_upcast
+    clip = CLIPConfig.from_json(json.loads((REFERENCE_CONFIGS / "sd-1.5/text_encoder/config.json").read_text()))
+    assert clip.hidden_act == "quick_gelu" and clip.head_dim == 64 and not clip.with_projection
+
+
+SD15_UNET = json.loads((REFERENCE_CONFIGS / "sd-1.5/unet/config.json").read_text()) if REFERENCE_CONFIGS.exists() else {}
+
+
+@pytest.mark.skipif(not SD15_UNET, reason="reference configs missing")
+@pytest.mark.parametrize("field,value", [
+    ("down_block_types", ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D",
+                          "DownBlock2D"]),
+    ("up_block_types", ["UpBlock2D", "KUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
+    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+    ("class_embed_type", "timestep"),
+    ("time_cond_proj_dim", 256),
+    ("attention_type", "gated"),
+    ("addition_embed_type", "text"),
+    ("resnet_time_scale_shift", "scale_shift"),
+    ("cross_attention_dim", [768, 768, 768, 768]),
+    ("act_fn", "gelu_tanh"),
+])
+def test_unet_config_errors(field, value):
+    with pytest.raises(ValueError, match=field):
+        UNetConfig.from_json(SD15_UNET | {field: value})
+
+
+def test_other_config_errors():
+    with pytest.raises(ValueError, match="hidden_act"):
+        CLIPConfig.from_json({"hidden_act": "relu"})
+    with pytest.raises(ValueError, match="down_block_types"):
+        VAEConfig.from_json({"block_out_channels": [8, 8], "down_block_types": ["DownEncoderBlock2D", "Foo"]})
+    with pytest.raises(ValueError, match="attention_head_dim"):
+        UNetConfig.from_json(SD15_UNET | {"attention_head_dim": 7})
