@@ -72,6 +72,16 @@ def sdxl_components(seed: int = 0) -> dict:
     return dict(unet=unet.eval(), text_encoder=text_encoder.eval())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only add spin-waiting (a loaded
+    machine made these tests 8x slower with 2 threads than with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def components(request):
     return build_components(request.param)
@@ -185,9 +195,9 @@ def test_vae(components):
 
 # ------------------------------------------------------------------------------ low precision
 
-def test_bf16_forward(components):
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_half_precision_forward(components, dt):
     unet, vae, te = components["unet"], components["vae"], components["text_encoder"]
-    dt = torch.bfloat16
     ours_unet = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(unet.config)), unet.state_dict()).to(dt)
     ours_vae = build_ours(AutoencoderKL, VAEConfig.from_json(dict(vae.config)), vae.state_dict()).to(dt)
     ours_te = build_ours(CLIPTextModel, CLIPConfig.from_json(te.config.to_dict()), clip_state_dict(te)).to(dt)
@@ -201,6 +211,19 @@ def test_bf16_forward(components):
     for out in (h, eps, img, lat):
         assert out.dtype == dt and torch.isfinite(out).all()
     assert_close(eps.float(), ref_eps, tol=0.1)  # bf16 has ~3 significant digits
+
+
+def test_upcast_attention_runs_in_fp32():
+    from sdlite.layers import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 8, generator=g) for _ in range(3))  # large logits
+    half = [t.to(torch.bfloat16) for t in (q, k, v)]
+    up = attention(*half, heads=2, upcast=True)
+    assert up.dtype == torch.bfloat16
+    # fp32 math on the bf16-rounded inputs: only the output rounding differs from an fp32 reference
+    exact = attention(*[t.float() for t in half], heads=2).to(torch.bfloat16)
+    assert torch.equal(up, exact)
 
 
 # -------------------------------------------------------------------------------------- configs
