@@ -36,6 +36,9 @@ IGNORED_KEY = re.compile(r"(^|\.)position_ids$")
 # Attention names of VAE checkpoints saved before diffusers 0.14.
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 LEGACY_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+# transformers >= 5 saves CLIP text encoders without the "text_model." prefix that published
+# checkpoints (and sdlite's names) carry.
+UNPREFIXED_CLIP_KEY = re.compile(r"^(embeddings|encoder|final_layer_norm)\.")
 
 
 class CheckpointError(ValueError):
@@ -143,10 +146,13 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state)
 
 
-def canonical_key(key: str) -> str | None:
-    """Map a checkpoint key to sdlite's name for it, or None for keys that hold no weights."""
+def canonical_key(key: str, network: str) -> str | None:
+    """Map a checkpoint key of a `network` (class name) to sdlite's name for it, or None for keys
+    that hold no weights."""
     if IGNORED_KEY.search(key):
         return None
+    if network.startswith("CLIPText") and UNPREFIXED_CLIP_KEY.match(key):
+        return "text_model." + key
     legacy = LEGACY_ATTENTION_KEY.match(key)
     if legacy:
         block, name, kind = legacy.groups()
@@ -154,14 +160,14 @@ def canonical_key(key: str) -> str | None:
     return key
 
 
-def canonical_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def canonical_state(weights: dict[str, torch.Tensor], network: str) -> dict[str, torch.Tensor]:
     """Rename keys to sdlite's names; legacy 1x1-conv attention weights become linear weights."""
     state = {}
     for key, tensor in weights.items():
-        name = canonical_key(key)
+        name = canonical_key(key, network)
         if name is None:
             continue
-        if name != key and tensor.ndim == 4:  # (out, in, 1, 1) -> (out, in)
+        if LEGACY_ATTENTION_KEY.match(key) and tensor.ndim == 4:  # (out, in, 1, 1) -> (out, in)
             tensor = tensor[:, :, 0, 0]
         state[name] = tensor
     return state
@@ -180,7 +186,7 @@ def load_network(
     in place (no copy). `source` names the checkpoint in error messages.
     """
     expected = network.state_dict()
-    state = canonical_state(weights)
+    state = canonical_state(weights, type(network).__name__)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

@@ -142,9 +142,15 @@ def test_legacy_vae_attention_names_are_mapped():
         "encoder.mid_block.attentions.0.proj_attn.bias": torch.zeros(8),
         "text_model.embeddings.position_ids": torch.arange(77)[None],
     }
-    state = canonical_state(legacy)
+    state = canonical_state(legacy, "AutoencoderKL")
     assert set(state) == {"encoder.mid_block.attentions.0.to_q.weight", "encoder.mid_block.attentions.0.to_out.0.bias"}
     assert state["encoder.mid_block.attentions.0.to_q.weight"].shape == (8, 8)
+
+
+def test_clip_keys_without_the_text_model_prefix_are_mapped():
+    state = canonical_state({"encoder.layers.0.mlp.fc1.weight": torch.zeros(1), "text_projection.weight": torch.zeros(1)}, "CLIPTextModel")
+    assert set(state) == {"text_model.encoder.layers.0.mlp.fc1.weight", "text_projection.weight"}
+    assert set(canonical_state({"encoder.conv_in.weight": torch.zeros(1)}, "AutoencoderKL")) == {"encoder.conv_in.weight"}
 
 
 def test_from_pretrained_errors_name_the_path(tmp_path, reference_model):
