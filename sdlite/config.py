@@ -13,9 +13,8 @@ def _unsupported(field: str, value, supported) -> ValueError:
     return ValueError(f"unsupported {field}={value!r} (sdlite supports {supported})")
 
 
-def _per_block(d: dict, field: str, n: int, default) -> tuple:
+def _per_block(value, n: int, field: str) -> tuple:
     """diffusers allows an int (same for every block) or a per-block list for many fields."""
-    value = d.get(field, default)
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise ValueError(f"{field} has {len(value)} entries but there are {n} blocks")
@@ -86,7 +85,7 @@ class UNetConfig:
     transformer_layers_per_block: tuple = (1, 1, 1, 1)  # BasicTransformerBlocks per attention, per level
     num_attention_heads: tuple = (8, 8, 8, 8)  # heads per level (diffusers' misnamed attention_head_dim)
     cross_attention_dim: int = 768  # width of encoder_hidden_states
-    only_cross_attention: tuple = (False,) * 4  # per level: attn1 also attends to the text
+    only_cross_attention: tuple = (False,) * 4  # per level: attn1 attends to the text instead of itself
     use_linear_projection: bool = False  # proj_in/proj_out: Linear (SD 2.x, SDXL) or 1x1 conv (SD 1.x)
     upcast_attention: bool = False  # compute attention in fp32 when running in fp16/bf16
     norm_num_groups: int = 32  # GroupNorm groups everywhere
@@ -119,12 +118,9 @@ class UNetConfig:
                       "cross_attention_norm", "reverse_transformer_layers_per_block"):
             _require(d, field, (None,))
         for field, ok in (("attention_type", "default"), ("time_embedding_type", "positional"),
-                          ("resnet_time_scale_shift", "default")):
-            if d.get(field, ok) != ok:
-                raise _unsupported(field, d[field], repr(ok))
-        for field, ok in (("center_input_sample", False), ("dual_cross_attention", False),
-                          ("resnet_skip_time_act", False), ("mid_block_scale_factor", 1),
-                          ("resnet_out_scale_factor", 1)):
+                          ("resnet_time_scale_shift", "default"), ("center_input_sample", False),
+                          ("dual_cross_attention", False), ("resnet_skip_time_act", False),
+                          ("mid_block_scale_factor", 1), ("resnet_out_scale_factor", 1)):
             if d.get(field, ok) != ok:
                 raise _unsupported(field, d[field], repr(ok))
         _require(d, "addition_embed_type", (None, "text_time"))
@@ -138,10 +134,11 @@ class UNetConfig:
             block_out_channels=tuple(d["block_out_channels"]),
             down_block_types=down,
             up_block_types=up,
-            layers_per_block=_per_block(d, "layers_per_block", n, 2),
-            transformer_layers_per_block=_per_block(d, "transformer_layers_per_block", n, 1),
-            num_attention_heads=_per_block({"heads": heads}, "heads", n, None),
-            only_cross_attention=_per_block(d, "only_cross_attention", n, False),
+            layers_per_block=_per_block(d.get("layers_per_block", 2), n, "layers_per_block"),
+            transformer_layers_per_block=_per_block(d.get("transformer_layers_per_block", 1), n,
+                                                    "transformer_layers_per_block"),
+            num_attention_heads=_per_block(heads, n, "attention_head_dim"),
+            only_cross_attention=_per_block(d.get("only_cross_attention", False), n, "only_cross_attention"),
             **{k: d[k] for k in ("in_channels", "out_channels", "sample_size", "mid_block_type", "cross_attention_dim",
                                  "use_linear_projection", "upcast_attention", "norm_num_groups", "norm_eps", "act_fn",
                                  "flip_sin_to_cos", "freq_shift", "downsample_padding", "conv_in_kernel",
