@@ -1,0 +1,451 @@
+"""The `sdlite` command line: `generate`, `img2img` (with the strength x steps figure) and `info`.
+
+argv -> argparse -> `Settings` (everything that decides the pixels, recorded in every PNG and
+replayed by `generate --from-png`) + `Output` (which files to write, how to report) ->
+StableDiffusion calls -> files written by `sdlite.images`. Options and the seed tools' aliases
+(MLX stable_diffusion txt2image.py / image2image.py) are documented in docs/cli.md.
+
+Usage mistakes exit with status 2 and one line on stderr; torch is imported only once the
+command has been checked, so they are reported at once.
+"""
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from . import __version__, images
+
+DEFAULT_STRENGTH = 0.8  # StableDiffusion.generate_latents_from_image's default
+TRIANGLE_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class UsageError(Exception):
+    """A mistake in the command line; reported as one line, exit status 2."""
+
+
+@dataclass
+class Settings:
+    """What decides the pixels. Recorded as JSON in each PNG; None fields are resolved from the
+    model (or drawn, for the seed) before generating, so the record is complete."""
+
+    mode: str = "txt2img"  # "txt2img" or "img2img"
+    prompt: str | None = None  # None in a record written with --no-save-prompt
+    negative_prompt: str | None = ""  # None likewise, when it was not empty
+    model: str | None = None  # model folder (absolute); None: the bundled model
+    n_images: int = 1  # batch size: one generator draws the noise of all images, as in diffusers
+    n_rows: int = 1  # rows of the output grid; must divide n_images
+    steps: int | None = None  # sampler steps (img2img runs about strength * steps of them)
+    cfg: float | None = None  # classifier-free guidance scale; <= 1 turns guidance off
+    sampler: str | None = None  # one of StableDiffusion.sampler_names
+    seed: int | None = None  # seed of the batch's generator
+    height: int | None = None  # pixels; img2img: the source is resized to it (and cut to x64)
+    width: int | None = None
+    decoding_batch_size: int | None = None  # latents decoded at a time; None: the whole batch
+    device: str = "cpu"
+    dtype: str = "float32"
+    image: str | None = None  # img2img: the source image (absolute path)
+    image_sha256: str | None = None  # img2img: its bytes' hash, checked when replaying
+    strength: float | None = None  # img2img: 0 keeps the image, 1 replaces it with noise
+    triangle: bool = False  # img2img: one run per (steps, strength) cell, drawn as a labelled grid
+    triangle_strengths: list[float] | None = None  # columns
+    triangle_steps: list[int] | None = None  # rows; default: [steps]
+
+
+@dataclass
+class Output:
+    """Which files to write and how to report. Not recorded, not replayed."""
+
+    path: Path  # -o: the grid (a single image when n_images is 1); other names derive from it
+    save_each: bool = False  # also <base>_<index>.png for each image of the batch
+    show_denoising: int | None = None  # every N steps: <base>_<total steps>_<step>.png
+    save_last: int | None = None  # the N steps before the final one, named as above
+    save_prompt: bool = True  # record prompt and negative prompt in the metadata
+    overwrite: bool = False  # replace existing files instead of refusing
+    verbose: bool = False
+    quiet: bool = False
+    replay: dict | None = None  # --from-png: the recorded file entry (kind, index, step) to redo
+
+    def derived(self, *parts) -> Path:
+        return self.path.with_name("_".join([self.path.stem, *map(str, parts)]) + self.path.suffix)
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _number(kind, low=None, high=None):
+    """An argparse type: `kind` (int or float) within [low, high]."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}")
+        if value != value or (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def _list_of(parse):
+    return lambda text: [parse(item) for item in text.replace(",", " ").split()]
+
+
+positive = _number(int, 1)
+strength = _number(float, 0.0, 1.0)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="sdlite", description="Stable Diffusion on the command line.", allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"sdlite {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,info}")
+    generate = commands.add_parser("generate", help="text to image", allow_abbrev=False)
+    generate.add_argument("prompt", nargs="?", help="what to draw (optional with --from-png)")
+    generate.add_argument("--from-png", type=Path, metavar="FILE", help="redo the image recorded in FILE's metadata")
+    img2img = commands.add_parser("img2img", help="image and text to image", allow_abbrev=False)
+    img2img.add_argument("image", help="source image")
+    img2img.add_argument("prompt")
+    img2img.add_argument("--strength", type=strength, metavar="S", help=f"0 keeps the image, 1 ignores it (default {DEFAULT_STRENGTH})")
+    img2img.add_argument("--triangle", "-gt", "--generate_triangle", action="store_true", default=None,
+                         help="one labelled grid: rows = --triangle-steps, columns = --triangle-strengths")
+    img2img.add_argument("--triangle-strengths", type=_list_of(strength), metavar="LIST",
+                         help="columns of --triangle (default 0.1,0.2,...,1.0)")
+    img2img.add_argument("--triangle-steps", type=_list_of(positive), metavar="LIST",
+                         help="rows of --triangle (default: --steps)")
+    for sub in (generate, img2img):
+        add_common_options(sub)
+    info = commands.add_parser("info", help="describe a model", allow_abbrev=False)
+    info.add_argument("model", nargs="?", help="model folder (default: the bundled model)")
+    info.add_argument("--device", default="cpu")
+    info.add_argument("--dtype", choices=DTYPES, default="float32")
+    return parser
+
+
+def add_common_options(p: Parser) -> None:
+    """Options of generate and img2img. Setting options default to None: 'not given', so that
+    --from-png knows what to override."""
+    add = p.add_argument
+    add("--model", metavar="PATH", help="model folder (default: the bundled model)")
+    add("--n-images", "--n_images", type=positive, metavar="N", help="images in the batch (default 1)")
+    add("--n-rows", "--n_rows", type=positive, metavar="R", help="rows of the grid; must divide --n-images (default 1)")
+    add("--steps", type=positive, metavar="N", help="sampler steps (default: the model's)")
+    add("--cfg", type=_number(float), metavar="SCALE", help="guidance scale (default: the model's)")
+    add("--negative-prompt", "--negative_prompt", metavar="TEXT", help="what to avoid")
+    add("--sampler", metavar="NAME", help="ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras (default: the model's)")
+    add("--seed", type=_number(int, 0, 2**64 - 1), metavar="N", help="default: random; always printed and recorded")
+    add("--height", type=positive, metavar="PX", help="pixels, a multiple of 8 (default: the model's size)")
+    add("--width", type=positive, metavar="PX", help="pixels, a multiple of 8 (default: the model's size)")
+    add("--decoding-batch-size", "--decoding_batch_size", type=positive, metavar="N", help="latents decoded at a time")
+    add("--device", help="torch device (default cpu)")
+    add("--dtype", choices=DTYPES, help="default float32")
+    add("-o", "--output", type=Path, default=Path("out.png"), metavar="FILE", help="file to write, .png (default out.png)")
+    add("--overwrite", action="store_true", help="replace existing files (default: refuse)")
+    add("--save-each", action="store_true", help="also write each image as <base>_<index>.png")
+    add("--show-denoising", "-sd", "--show_denoising", type=positive, metavar="N",
+        help="every N steps write <base>_<steps>_<step>.png")
+    add("--save-last", "--save_last_N", type=positive, metavar="N", help="write the N steps before the final one")
+    add("--save-prompt", "-sp", "--save_prompt", action="store_true", default=True, help="record the prompts (default)")
+    add("--no-save-prompt", dest="save_prompt", action="store_false", help="leave the prompts out of the metadata")
+    loudness = p.add_mutually_exclusive_group()
+    loudness.add_argument("--verbose", "-v", "-pp", "--print_parser", action="store_true",
+                          help="print the resolved settings first")
+    loudness.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+
+
+# -- argv -> Settings + Output ----------------------------------------------------------------
+
+
+def settings_from_args(args) -> tuple[Settings, Output]:
+    """The settings and outputs a parsed command asks for; replayed from --from-png if given."""
+    given = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name, None) is not None}
+    for name in ("image", "model"):
+        if name in given:
+            given[name] = str(Path(given[name]).absolute())
+    output = Output(args.output, args.save_each, args.show_denoising, args.save_last, args.save_prompt,
+                    args.overwrite, args.verbose, args.quiet)
+    if getattr(args, "from_png", None) is not None:
+        record = read_record(args.from_png)
+        recorded = {k: v for k, v in record["settings"].items() if k in {f.name for f in fields(Settings)}}
+        settings = Settings(**{**recorded, **given})
+        output.replay = record["file"]
+        for name, option in (("prompt", "PROMPT"), ("negative_prompt", "--negative-prompt")):
+            if getattr(settings, name) is None:
+                raise UsageError(f"{args.from_png} does not record its {name.replace('_', ' ')} "
+                                 f"(written with --no-save-prompt): give it with {option}")
+    else:
+        settings = Settings(mode="img2img" if args.command == "img2img" else "txt2img", **given)
+        if settings.prompt is None:
+            raise UsageError("the PROMPT argument is required (or --from-png FILE)")
+    check(settings, output)
+    return settings, output
+
+
+def read_record(path: Path) -> dict:
+    record = images.read_png_text(path).get("sdlite")
+    if record is None:
+        raise UsageError(f"{path} has no sdlite metadata to reproduce")
+    return json.loads(record)
+
+
+def check(s: Settings, out: Output) -> None:
+    """The usage checks that need no model, so that they fail at once."""
+    if s.n_images % s.n_rows:
+        raise UsageError(f"--n-rows {s.n_rows} does not divide --n-images {s.n_images}: "
+                         "every row of the grid must be full")
+    if s.triangle and (s.n_images > 1 or out.save_each or out.show_denoising or out.save_last):
+        raise UsageError("--triangle draws one image per cell: it cannot be combined with --n-images, "
+                         "--save-each, --show-denoising or --save-last")
+    if not s.triangle and (s.triangle_strengths is not None or s.triangle_steps is not None):
+        raise UsageError("--triangle-strengths and --triangle-steps need --triangle")
+    if [] in (s.triangle_strengths, s.triangle_steps):
+        raise UsageError("--triangle-strengths and --triangle-steps need at least one value")
+    if out.path.suffix == "":
+        out.path = out.path.with_suffix(".png")
+    if out.path.suffix.lower() != ".png":
+        raise UsageError(f"--output {out.path}: sdlite writes PNG files (metadata lives in PNG text chunks)")
+    if not out.path.parent.is_dir():
+        raise UsageError(f"output folder {out.path.parent} does not exist")
+
+
+def refuse_existing(paths: list[Path], out: Output) -> None:
+    """Refuse before any work if a file would be replaced without --overwrite."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not out.overwrite:
+        raise UsageError(f"{', '.join(existing)} already exists; pass --overwrite to replace, or choose another -o")
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "info":
+            return show_info(args)
+        settings, output = settings_from_args(args)
+        if output.quiet:
+            warnings.simplefilter("ignore")
+        warnings.showwarning = lambda message, *_: print(f"sdlite: warning: {message}", file=sys.stderr)
+        return run(settings, output)
+    except KeyboardInterrupt:
+        print("sdlite: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"sdlite: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. a read-only output folder
+        print(f"sdlite: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+
+
+def load_model(path: str | None, device: str, dtype: str):
+    import torch
+
+    from . import StableDiffusion
+
+    return StableDiffusion.from_pretrained(path, device=device, dtype=getattr(torch, dtype))
+
+
+def run(s: Settings, out: Output) -> int:
+    start = time.perf_counter()
+    source = None
+    if s.mode == "img2img":
+        source = images.load_image(s.image)
+        digest = hashlib.sha256(Path(s.image).read_bytes()).hexdigest()
+        if s.image_sha256 not in (None, digest):
+            raise UsageError(f"source image {s.image} has changed since the recorded run (its sha256 differs)")
+        s.image_sha256 = digest
+    refuse_existing([out.path] + [out.derived(i) for i in range(s.n_images) if out.save_each], out)
+    sd = load_model(s.model, s.device, s.dtype)
+    source = resolve(s, sd, source)
+    say = (lambda *a: None) if out.quiet else print
+    say(f"seed: {s.seed}")
+    if out.verbose:
+        say("\n".join(f"  {k}: {v}" for k, v in asdict(s).items()))
+    written = (run_triangle if s.triangle else run_batch)(sd, s, out, source)
+    say(f"done in {time.perf_counter() - start:.1f} s; wrote {', '.join(map(str, written))}")
+    return 0
+
+
+def resolve(s: Settings, sd, source):
+    """Fill the settings left to the model (and draw the seed); returns the source as img2img uses it."""
+    s.steps = sd.default_steps if s.steps is None else s.steps
+    s.cfg = sd.default_cfg if s.cfg is None else s.cfg
+    s.sampler = sd.default_sampler if s.sampler is None else s.sampler
+    s.seed = random.randrange(2**32) if s.seed is None else s.seed
+    if source is None:
+        s.height, s.width = (sd.default_size[0] if s.height is None else s.height,
+                             sd.default_size[1] if s.width is None else s.width)
+        return None
+    source = sd.fit_image(source, s.height, s.width)
+    s.width, s.height = source.size
+    s.strength = DEFAULT_STRENGTH if s.strength is None else s.strength
+    if s.triangle and s.triangle_strengths is None:
+        s.triangle_strengths = list(TRIANGLE_STRENGTHS)
+    if s.triangle and s.triangle_steps is None:
+        s.triangle_steps = [s.steps]
+    return source
+
+
+def generation_kwargs(s: Settings, **changes) -> dict:
+    kwargs = dict(negative_prompt=s.negative_prompt, n_images=s.n_images, steps=s.steps, cfg=s.cfg,
+                  seed=s.seed, sampler=s.sampler, height=s.height, width=s.width)
+    return {**kwargs, **changes}
+
+
+def progress(total: int, out: Output):
+    from tqdm import tqdm
+
+    return tqdm(total=total, file=sys.stderr, disable=out.quiet, unit="step", dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}]")
+
+
+def run_batch(sd, s: Settings, out: Output, source) -> list[Path]:
+    """One batch: the grid, and as asked each image and the snapshots during denoising."""
+    n_steps = sd.num_denoising_steps(s.steps, 1.0 if source is None else s.strength, s.sampler)
+    replay = out.replay or {"kind": "grid"}
+    stop = replay["step"] if replay["kind"] == "snapshot" else None
+    snapshots = set()
+    if stop is None and out.show_denoising:
+        snapshots |= set(range(out.show_denoising, n_steps + 1, out.show_denoising))
+    if stop is None and out.save_last:
+        snapshots |= set(range(max(1, n_steps - out.save_last), n_steps))
+    refuse_existing([out.derived(n_steps, k) for k in sorted(snapshots)], out)
+    if replay["kind"] == "image" and not 0 <= replay["index"] < s.n_images:
+        raise UsageError(f"the recorded image is number {replay['index']} of a batch, but --n-images is {s.n_images}")
+
+    written = []
+
+    def write(image, path, **file):
+        save(image, path, s, sd.name, out, file)
+        written.append(path)
+
+    if source is None:
+        latents_steps = sd.generate_latents(s.prompt, **generation_kwargs(s))
+    else:
+        kwargs = generation_kwargs(s, height=None, width=None)  # `source` already has the size
+        latents_steps = sd.generate_latents_from_image(source, s.prompt, s.strength, **kwargs)
+    final = [source] * s.n_images  # what strength 0 (no step at all) gives
+    with progress(stop or n_steps, out) as bar:
+        for i, latents in latents_steps:
+            bar.update()
+            final = sd.decode(latents, s.decoding_batch_size) if i + 1 in snapshots or i + 1 == stop else None
+            if i + 1 in snapshots:
+                write(images.make_grid(final, s.n_rows), out.derived(n_steps, i + 1), kind="snapshot", step=i + 1)
+            if i + 1 == stop:
+                break
+    if final is None:
+        final = sd.decode(latents, s.decoding_batch_size)
+    if replay["kind"] == "image":
+        write(final[replay["index"]], out.path, kind="image", index=replay["index"])
+    else:
+        write(images.make_grid(final, s.n_rows), out.path, **replay)
+    for index, image in enumerate(final if out.save_each else []):
+        write(image, out.derived(index), kind="image", index=index)
+    return written
+
+
+def run_triangle(sd, s: Settings, out: Output, source) -> list[Path]:
+    """The progressive-strength figure: rows = step counts, columns = strengths, the source at the
+    left. A cell whose strength leaves no denoising step stays grey."""
+    counts = {(t, x): sd.num_denoising_steps(t, x, s.sampler) for t in s.triangle_steps for x in s.triangle_strengths}
+    rows = []
+    with progress(sum(counts.values()), out) as bar:
+        for steps in s.triangle_steps:
+            row = [source]
+            for x in s.triangle_strengths:
+                latents = None
+                if counts[steps, x]:
+                    kwargs = generation_kwargs(s, n_images=1, steps=steps, height=None, width=None)
+                    for _, latents in sd.generate_latents_from_image(source, s.prompt, x, **kwargs):
+                        bar.update()
+                row.append(None if latents is None else sd.decode(latents)[0])
+            rows.append(row)
+    labels = ["source"] + [f"strength {x:g}" for x in s.triangle_strengths]
+    grid = images.labelled_grid(rows, [f"{t} steps" for t in s.triangle_steps], labels, source.size)
+    save(grid, out.path, s, sd.name, out, {"kind": "triangle"})
+    return [out.path]
+
+
+def save(image, path: Path, s: Settings, model_name: str, out: Output, file: dict) -> None:
+    """Write `image` with the web UI `parameters` chunk and the `sdlite` record of the run."""
+    recorded = asdict(s)
+    if not out.save_prompt:
+        recorded["prompt"] = None
+        recorded["negative_prompt"] = None if s.negative_prompt else ""
+    index = file.get("index")
+    webui = {
+        "Steps": s.steps if not s.triangle else None,
+        "Sampler": images.WEBUI_SAMPLERS.get(s.sampler, s.sampler),
+        "CFG scale": s.cfg,
+        "Seed": s.seed,
+        "Size": f"{s.width}x{s.height}",
+        "Model": model_name,
+        "Denoising strength": s.strength if s.mode == "img2img" and not s.triangle else None,
+        "Batch size": s.n_images if s.n_images > 1 else None,
+        "Batch pos": index if s.n_images > 1 else None,
+        "Triangle steps": ",".join(map(str, s.triangle_steps)) if s.triangle else None,
+        "Triangle strengths": ",".join(map(str, s.triangle_strengths)) if s.triangle else None,
+        "Version": f"sdlite {__version__}",
+    }
+    parameters = images.webui_parameters(recorded["prompt"], recorded["negative_prompt"], webui)
+    record = {"sdlite": __version__, "model_name": model_name, "settings": recorded,
+              "file": {"kind": "grid", "index": None, "step": None, **file}}
+    images.save_png(image, path, images.png_info(parameters, record), overwrite=out.overwrite)
+
+
+# -- info ---------------------------------------------------------------------------------------
+
+
+def show_info(args) -> int:
+    """Print what a model folder holds: networks, parameter counts, dtypes, defaults, files."""
+    sd = load_model(args.model and str(Path(args.model).absolute()), args.device, args.dtype)
+    unet, text, vae = sd.unet.config, sd.text_encoder.config, sd.vae.config
+    height, width = sd.default_size
+    print(f"model      {sd.name}  ({sd.path})")
+    print(f"defaults   {width}x{height} px, {sd.default_steps} steps, cfg {sd.default_cfg}, "
+          f"sampler {sd.default_sampler}")
+    print(f"samplers   {', '.join(sd.sampler_names)}")
+    print(f"schedule   {getattr(sd.schedule, 'prediction_type', '?')} prediction")
+    architecture = {
+        "text_encoder": f"CLIP {text.num_hidden_layers} layers x {text.hidden_size}, {text.hidden_act}",
+        "unet": f"channels {list(unet.block_out_channels)}, heads {list(unet.num_attention_heads)}, "
+                f"cross-attention {unet.cross_attention_dim}, "
+                f"{'linear' if unet.use_linear_projection else 'conv'} projection",
+        "vae": f"{vae.latent_channels} latent channels, /{vae.downscale_factor} scale, "
+               f"scaling factor {vae.scaling_factor}",
+    }
+    for name, summary in architecture.items():
+        network = getattr(sd, name)
+        parameters = sum(p.numel() for p in network.parameters())
+        dtype = str(next(network.parameters()).dtype).removeprefix("torch.")
+        print(f"{name:<12} {parameters / 1e6:8.2f}M parameters, {dtype}; {summary}")
+    print("files")
+    total = 0
+    for path in sorted(p for p in Path(sd.path).rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        total += size
+        stored = f"  stored as {stored_dtypes(path)}" if path.suffix == ".safetensors" else ""
+        print(f"  {path.relative_to(sd.path)!s:<50} {size / 2**20:9.2f} MiB{stored}")
+    print(f"  {'total':<50} {total / 2**20:9.2f} MiB")
+    return 0
+
+
+def stored_dtypes(path: Path) -> str:
+    """The tensor dtypes in a safetensors file, from its JSON header (8-byte length, then JSON)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return ", ".join(sorted({v["dtype"] for k, v in header.items() if k != "__metadata__"}))
