@@ -3,7 +3,8 @@
 Samplers are generators with one signature, `sample_<name>(model, x, sigmas, *, generator=None,
 **options)`: `model` is a Denoiser (D(x, sigma), see denoiser.py), x the VE-scale latent at
 sigmas[0]; after each step they yield x, now at the next sigma. They reproduce diffusers' schedulers
-step for step (PNDM with skip_prk_steps, DDIM eta=0, Euler, Euler ancestral, DPM-Solver++ 2M).
+step for step (DDIM eta=0, PNDM as PLMS -- skip_prk_steps=True, as Stable Diffusion configures it --
+Euler, Euler ancestral, DPM-Solver++ 2M).
 
 `make_plan(sampler, config, steps, strength)` turns a checkpoint's ScheduleConfig into the sigmas,
 timesteps and options diffusers' `XScheduler.from_config(config)` + set_timesteps (+ img2img's
@@ -274,8 +275,6 @@ def _pndm_plan(sampler, config, cls, spacing, steps, start):
             "PNDMScheduler has no zero-terminal-SNR support (diffusers ignores rescale_betas_zero_snr "
             "there); use 'ddim', 'euler', 'euler_a' or 'dpmpp_2m' for this model"
         )
-    if not config.setting("skip_prk_steps", cls):
-        raise ValueError("PNDM's Runge-Kutta warm-up (skip_prk_steps=False) is not implemented")
     ac = S.alphas_cumprod(config)
     final = torch.tensor(1.0) if config.setting("set_alpha_to_one", cls) else ac[0]
     up = S.spaced_timesteps(spacing, steps, config.num_train_timesteps, config.steps_offset)[::-1]

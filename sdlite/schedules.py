@@ -35,7 +35,7 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # `XScheduler.from_config(pipe.scheduler.config)` drops the keys the first class only defaulted
 # (its config's `_use_default_values`).
 CLASS_DEFAULTS = {
-    "PNDMScheduler": dict(timestep_spacing="leading", set_alpha_to_one=False, skip_prk_steps=False),
+    "PNDMScheduler": dict(timestep_spacing="leading", set_alpha_to_one=False),
     "DDIMScheduler": dict(timestep_spacing="leading", set_alpha_to_one=True, clip_sample=True),
     "EulerDiscreteScheduler": dict(timestep_spacing="linspace", use_karras_sigmas=False),
     "EulerAncestralDiscreteScheduler": dict(timestep_spacing="linspace"),
@@ -82,7 +82,6 @@ class ScheduleConfig:
     timestep_spacing: str | None = None  # "leading" | "trailing" | "linspace"
     set_alpha_to_one: bool | None = None  # DDIM/PNDM: the last step ends at alpha=1 (sigma 0)
     clip_sample: bool | None = None  # DDIM: clamp predicted x0 to +-clip_sample_range
-    skip_prk_steps: bool | None = None  # PNDM: PLMS only (sdlite implements only this)
     use_karras_sigmas: bool | None = None  # Euler / DPM-Solver: Karras et al. sigma spacing
 
     @classmethod

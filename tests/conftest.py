@@ -4,8 +4,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import reference_models directly
+
+# The test models are tiny: threads cost more in synchronisation than they give, above all when
+# the machine is busy.
+torch.set_num_threads(1)
 
 # (kind, prediction_type) of the tiny models the parity tests run on.
 MODEL_KINDS = [("sd1", "epsilon"), ("sd2", "epsilon"), ("sd2", "v_prediction")]

@@ -72,16 +72,6 @@ def sdxl_components(seed: int = 0) -> dict:
     return dict(unet=unet.eval(), text_encoder=text_encoder.eval())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add spin-waiting (a loaded
-    machine made these tests 8x slower with 2 threads than with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def components(request):
     return build_components(request.param)

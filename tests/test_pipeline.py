@@ -108,7 +108,8 @@ def test_generate_latents_yields_every_step(reference_model):
     # the last yielded latents are what text_to_image decodes
     final = sd.decode(steps[-1][1])[0]
     assert max_pixel_diff([final], sd.text_to_image(PROMPT, steps=5, seed=0, sampler="euler")) == 0
-    assert sd.num_denoising_steps(5) == 5
+    assert sd.num_denoising_steps(5, sampler="euler") == 5
+    assert sd.num_denoising_steps(5, sampler="pndm") == 6  # PLMS's first step calls the model twice
 
 
 def test_same_seed_same_image_and_seed_changes_image(reference_model):

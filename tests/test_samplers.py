@@ -82,7 +82,11 @@ def fake_network(config: dict):
 def diffusers_run(sampler, config, steps, strength, x0, noise, seed):
     """diffusers' pipeline loop; returns (timesteps passed to the network, latents after each step)."""
     src = getattr(diffusers, config["_class_name"]).from_config(config)
-    overrides = {"dpmpp_2m": dict(use_karras_sigmas=False), "dpmpp_2m_karras": dict(use_karras_sigmas=True)}
+    overrides = {
+        "pndm": dict(skip_prk_steps=True),  # sdlite's pndm is always PLMS
+        "dpmpp_2m": dict(use_karras_sigmas=False),
+        "dpmpp_2m_karras": dict(use_karras_sigmas=True),
+    }
     sched = getattr(diffusers, SCHEDULER_OF[sampler]).from_config(src.config, **overrides.get(sampler, {}))
     sched.set_timesteps(steps)
     timesteps = sched.timesteps
@@ -125,11 +129,11 @@ def sdlite_run(sampler, config, steps, strength, x0, noise, seed):
 
 
 def _unsupported(sampler, config):
-    """Combinations make_plan refuses: PNDM with zero SNR (diffusers silently ignores it) or with
-    Runge-Kutta warm-up steps; DDIM with zero SNR and epsilon prediction (diffusers gives NaN)."""
+    """Combinations make_plan refuses: PNDM with zero SNR (diffusers silently ignores it); DDIM
+    with zero SNR and epsilon prediction (diffusers gives NaN)."""
     zero_snr = config.get("rescale_betas_zero_snr", False)
     if sampler == "pndm":
-        return zero_snr or not config.get("skip_prk_steps", False)
+        return zero_snr
     return sampler == "ddim" and zero_snr and config["prediction_type"] == "epsilon"
 
 

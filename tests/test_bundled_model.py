@@ -1,0 +1,86 @@
+"""End-to-end checks of the bundled model in sdlite/data/bundled (trained by training/train_bundled.py).
+
+(a) the folder loads in diffusers.StableDiffusionPipeline (the reference) and generates a picture;
+(b) a 12-prompt subset of training/evaluate.py, generated with sdlite's own API and the model's
+    defaults, meets the evaluation thresholds (every colour is a foreground at least once);
+(c) the folder fits the 16 MB package budget and carries what sdlite needs (sdlite.json, 77 tokens).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "sdlite" / "data" / "bundled"
+sys.path.insert(0, str(ROOT / "training"))
+
+
+def test_bundled_folder_size_and_files():
+    files = [f for f in BUNDLED.rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    assert size <= 16 * 1024 * 1024, f"bundled model is {size / 1e6:.1f} MB; the budget is 16 MB"
+    for name in ("model_index.json", "sdlite.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                 "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"):
+        assert (BUNDLED / name).is_file(), f"missing {name}"
+    assert list(BUNDLED.glob("*/*.safetensors")), "weights must be safetensors"
+    defaults = json.loads((BUNDLED / "sdlite.json").read_text())
+    assert set(defaults) >= {"name", "steps", "cfg", "sampler"}
+    text = json.loads((BUNDLED / "text_encoder" / "config.json").read_text())
+    tok = json.loads((BUNDLED / "tokenizer" / "tokenizer_config.json").read_text())
+    assert text["max_position_embeddings"] == 77 and tok["model_max_length"] == 77
+
+
+def test_bundled_tokenizer_is_clip_format():
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.CLIPTokenizer.from_pretrained(BUNDLED / "tokenizer")
+    vocab = tok.get_vocab()
+    assert len(vocab) < 1000
+    ids = tok("a red circle on a blue background").input_ids
+    assert tok.convert_ids_to_tokens(ids) == [
+        "<|startoftext|>", "a</w>", "red</w>", "circle</w>", "on</w>", "a</w>", "blue</w>", "background</w>", "<|endoftext|>"
+    ]
+    assert vocab["<|endoftext|>"] == len(vocab) - 1 and vocab["<|startoftext|>"] == len(vocab) - 2
+
+
+def test_bundled_loads_and_generates_in_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    import numpy as np
+    import torch
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        BUNDLED, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    defaults = json.loads((BUNDLED / "sdlite.json").read_text())
+    image = pipe(
+        "a red circle on a blue background",
+        num_inference_steps=defaults["steps"],
+        guidance_scale=defaults["cfg"],
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
+    import shapes
+
+    reading = shapes.classify(image)
+    assert (reading.fg, reading.bg) == ("red", "blue"), reading
+    assert np.asarray(image).std() > 10  # a picture, not a flat colour
+
+
+def test_bundled_quality_subset_with_sdlite():
+    pytest.importorskip("sdlite")
+    try:
+        from sdlite import StableDiffusion  # noqa: F401
+    except ImportError:
+        pytest.skip("sdlite.StableDiffusion is not available yet")
+    import evaluate
+    import shapes
+
+    scenes = evaluate.fast_scenes(12)
+    assert {s.fg for s, _ in scenes} == set(shapes.COLORS)
+    report = evaluate.evaluate(BUNDLED, engine="sdlite", scenes=scenes, quiet=True)
+    scores = report["all"]
+    assert scores["fg"] >= 0.9 and scores["bg"] >= 0.9 and scores["shape"] >= 0.75, (
+        scores, [r for r in report["readings"] if (r["fg"], r["bg"], r["shape"]) != tuple(r["prompt"].split()[i] for i in (1, 5, 2))]
+    )
