@@ -256,6 +256,10 @@ def load_model(path: str | None, device: str, dtype: str):
 
     from . import StableDiffusion
 
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # what torch raises for unknown or absent devices
+        raise UsageError(f"device {device!r} is not available: {e}") from None
     return StableDiffusion.from_pretrained(path, device=device, dtype=getattr(torch, dtype))
 
 
@@ -307,9 +311,12 @@ def generation_kwargs(s: Settings, **changes) -> dict:
 
 
 def progress(total: int, out: Output):
+    """A progress bar on stderr. It first shows when a step is done (a positive `delay`), so that an
+    argument the library rejects before the first step leaves the one-line error alone."""
     from tqdm import tqdm
 
-    return tqdm(total=total, file=sys.stderr, disable=out.quiet, unit="step", dynamic_ncols=True,
+    return tqdm(total=total, file=sys.stderr, disable=out.quiet or total == 0, unit="step", dynamic_ncols=True,
+                delay=1e-3, mininterval=0,
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}]")
 
 

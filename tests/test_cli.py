@@ -217,6 +217,8 @@ ERRORS = {
     "quiet and verbose": (["generate", "p", "-q", "-v"], "not allowed with"),
     "triangle with a batch": (["img2img", "{source}", "p", "-gt", "--n-images", "2"], "--triangle"),
     "unknown sampler": (["generate", "p", "--model", "{model}", "--sampler", "nope"], "nope"),
+    "height not a multiple of 8": (["generate", "p", "--model", "{model}", "--height", "60"], "multiple of 8"),
+    "unknown device": (["generate", "p", "--model", "{model}", "--device", "nope"], "device 'nope' is not available"),
 }
 
 
