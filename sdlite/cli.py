@@ -12,6 +12,7 @@ command has been checked, so they are reported at once.
 import argparse
 import hashlib
 import json
+import math
 import random
 import sys
 import time
@@ -92,7 +93,9 @@ def _number(kind, low=None, high=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}")
-        if value != value or (low is not None and value < low) or (high is not None and value > high):
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"at least {low}" if high is None else f"in [{low}, {high}]"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
@@ -244,11 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         print("sdlite: interrupted", file=sys.stderr)
         return 130
     except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"sdlite: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. a read-only output folder
-        print(f"sdlite: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+        return fail(e, status=2)
+    except OSError as e:  # the system refused, e.g. a read-only output folder
+        return fail(e, status=1)
+
+
+def fail(error: Exception, status: int) -> int:
+    print(f"sdlite: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return status
 
 
 def load_model(path: str | None, device: str, dtype: str):
