@@ -339,6 +339,8 @@ def run_batch(sd, s: Settings, out: Output, source) -> list[Path]:
     refuse_existing([out.derived(n_steps, k) for k in sorted(snapshots)], out)
     if replay["kind"] == "image" and not 0 <= replay["index"] < s.n_images:
         raise UsageError(f"the recorded image is number {replay['index']} of a batch, but --n-images is {s.n_images}")
+    if stop is not None and stop > n_steps:
+        raise UsageError(f"the recorded snapshot is step {stop}, but only {n_steps} steps run")
 
     written = []
 
