@@ -63,8 +63,16 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEmbeddings(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # Passing the (empty) weight skips nn.Embedding's random init: weights are always loaded,
+        # and normal_ on the meta device imports sympy (1.5 s and 70 MB of a cold start).
+        self.token_embedding = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )
+        self.position_embedding = nn.Embedding(
+            config.max_position_embeddings,
+            config.hidden_size,
+            _weight=torch.empty(config.max_position_embeddings, config.hidden_size),
+        )
         # No position_ids buffer: positions are 0..T-1, computed in forward (old checkpoints'
         # `text_model.embeddings.position_ids` must be dropped by the loader).
 

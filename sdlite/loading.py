@@ -1,18 +1,21 @@
 """Reading checkpoints: safetensors files, weight-file discovery and strict, table-driven loading.
 
-Every checkpoint key sdlite reads passes through `canonical_key`, the one place where names from
+Every checkpoint key sdlite reads passes through `sdlite.keys`, the one place where names from
 other layouts are mapped to sdlite's canonical names (which equal diffusers'/transformers' names).
 Networks are built on the meta device and receive memory-mapped tensors by assignment, so a model
 is never random-initialised first and fp32 weights are not copied at all.
 """
 
 import json
+import math
 import mmap
-import re
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .keys import canonical_state
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -28,18 +31,9 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+READ_CHUNK = 1 << 22  # values per read when a tensor is cast while loading
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-
-# Keys that carry no weights: position ids that old transformers versions saved as buffers.
-IGNORED_KEY = re.compile(r"(^|\.)position_ids$")
-# Attention names of VAE checkpoints saved before diffusers 0.14.
-LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-LEGACY_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
-# transformers >= 5 saves CLIP text encoders without the "text_model." prefix that published
-# checkpoints (and sdlite's names) carry.
-UNPREFIXED_CLIP_KEY = re.compile(r"^(embeddings|encoder|final_layer_norm)\.")
-
 
 class CheckpointError(ValueError):
     """A weight file that cannot be read or does not fit the network's configuration."""
@@ -55,8 +49,10 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid json: {e}") from None
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Memory-map a .safetensors file; tensors share the file's pages (copy-on-write).
+def read_safetensors(path: Path, cast_to: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file. Tensors kept in their stored dtype are memory-mapped views of the
+    file (copy-on-write, no copy made); floating-point tensors of another dtype than `cast_to` are
+    read one at a time and cast, so peak memory stays near the size of the cast weights.
 
     The format is an 8-byte little-endian header length, a json header mapping names to
     dtype/shape/data_offsets, then the raw data. Every offset is checked against the file size so a
@@ -73,32 +69,44 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
         data_start = 8 + header_len
-        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > data_start else b""
-    header.pop("__metadata__", None)
-    tensors = {}
-    for name, entry in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = [int(n) for n in entry["shape"]]
-            begin, end = (data_start + int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: malformed header entry for {name!r}") from None
-        numel = 1
-        for n in shape:
-            numel *= n
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if end > size or end - begin != numel * itemsize or begin < data_start:
-            raise CheckpointError(
-                f"{path} is truncated or corrupt: tensor {name!r} needs bytes {begin}..{end} "
-                f"of a {size}-byte file"
-            )
-        if numel == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        elif begin % itemsize:  # unaligned data cannot be viewed in place
-            tensors[name] = torch.frombuffer(bytearray(buffer[begin:end]), dtype=dtype).reshape(shape)
-        else:
-            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=begin).reshape(shape)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > data_start else b""
+        header.pop("__metadata__", None)
+        tensors = {}
+        for name, entry in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                shape = [int(n) for n in entry["shape"]]
+                begin, end = (data_start + int(o) for o in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: malformed header entry for {name!r}") from None
+            numel = math.prod(shape)
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if end > size or end - begin != numel * itemsize or begin < data_start:
+                raise CheckpointError(
+                    f"{path} is truncated or corrupt: tensor {name!r} needs bytes {begin}..{end} "
+                    f"of a {size}-byte file"
+                )
+            if cast_to is not None and dtype.is_floating_point and dtype != cast_to:
+                tensors[name] = read_cast(f.fileno(), begin, numel, dtype, cast_to).reshape(shape)
+            elif numel == 0 or begin % itemsize:  # unaligned data cannot be viewed in place
+                tensors[name] = read_cast(f.fileno(), begin, numel, dtype, dtype).reshape(shape)
+            else:
+                tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=numel, offset=begin).reshape(shape)
     return tensors
+
+
+def read_cast(fd: int, offset: int, numel: int, dtype: torch.dtype, cast_to: torch.dtype) -> torch.Tensor:
+    """Read `numel` values of `dtype` at `offset` into a new 1-D `cast_to` tensor, a chunk at a time
+    so that no full-size temporary copy is made."""
+    out = torch.empty(numel, dtype=cast_to)
+    itemsize = out.new_empty((), dtype=dtype).element_size()
+    for start in range(0, numel, READ_CHUNK):
+        count = min(READ_CHUNK, numel - start)
+        raw = bytearray(count * itemsize)
+        if os.preadv(fd, [raw], offset + start * itemsize) != len(raw):
+            raise CheckpointError("weight file shrank while being read")
+        out[start : start + count] = torch.frombuffer(raw, dtype=dtype)
+    return out
 
 
 def find_weight_files(folder: Path, prefer_fp16: bool = False, allow_pickle: bool = False) -> list[Path]:
@@ -133,44 +141,18 @@ def find_weight_files(folder: Path, prefer_fp16: bool = False, allow_pickle: boo
     raise FileNotFoundError(f"no weight file (*.safetensors) in {folder}")
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one weight file, safetensors or (opted-in) pickle."""
+def read_weights(path: Path, cast_to: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one weight file, safetensors or (opted-in) pickle; see `read_safetensors`
+    for `cast_to`."""
     if not path.is_file():
         raise FileNotFoundError(f"missing weight file: {path}")
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return read_safetensors(path, cast_to)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a bad pickle
         raise CheckpointError(f"cannot read {path}: {e}") from None
     return state.get("state_dict", state)
-
-
-def canonical_key(key: str, network: str) -> str | None:
-    """Map a checkpoint key of a `network` (class name) to sdlite's name for it, or None for keys
-    that hold no weights."""
-    if IGNORED_KEY.search(key):
-        return None
-    if network.startswith("CLIPText") and UNPREFIXED_CLIP_KEY.match(key):
-        return "text_model." + key
-    legacy = LEGACY_ATTENTION_KEY.match(key)
-    if legacy:
-        block, name, kind = legacy.groups()
-        return f"{block}.{LEGACY_ATTENTION_NAMES[name]}.{kind}"
-    return key
-
-
-def canonical_state(weights: dict[str, torch.Tensor], network: str) -> dict[str, torch.Tensor]:
-    """Rename keys to sdlite's names; legacy 1x1-conv attention weights become linear weights."""
-    state = {}
-    for key, tensor in weights.items():
-        name = canonical_key(key, network)
-        if name is None:
-            continue
-        if LEGACY_ATTENTION_KEY.match(key) and tensor.ndim == 4:  # (out, in, 1, 1) -> (out, in)
-            tensor = tensor[:, :, 0, 0]
-        state[name] = tensor
-    return state
 
 
 def load_network(
@@ -225,13 +207,31 @@ def load_component(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     allow_pickle: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    palettized_mode: str = "jit",
 ) -> nn.Module:
-    """Build `network_class(config)` without initialising it and load the weights in `folder`."""
+    """Build `network_class(config)` without initialising it and load the weights in `folder`.
+
+    Weights are stored in `dtype` and computed in `compute_dtype` (default: `dtype`); when they
+    differ, each layer's weights are cast just before it runs (`memory.keep_at_rest`). A folder
+    with a `palettization.json` recipe holds palettized weights (`sdlite.palettize`), unpacked
+    per layer ("jit") or once now ("fast") as `palettized_mode` says.
+    """
+    compute_dtype = dtype if compute_dtype is None else compute_dtype
+    if (folder / "palettization.json").is_file():
+        from .palettize import load_palettized
+
+        return load_palettized(network_class, config, folder, dtype, device, compute_dtype, palettized_mode)
     files = find_weight_files(folder, prefer_fp16=dtype == torch.float16, allow_pickle=allow_pickle)
     weights = {}
     for path in files:
-        weights.update(read_weights(path))
+        weights.update(read_weights(path, cast_to=dtype))
     with torch.device("meta"):
         network = network_class(config)
     source = str(files[0]) if len(files) == 1 else f"the {len(files)} shards in {folder}"
-    return load_network(network, weights, source, dtype, device)
+    network = load_network(network, weights, source, dtype, device)
+    if compute_dtype != dtype:
+        from .memory import keep_at_rest
+
+        keep_at_rest(network, compute_dtype)
+    return network
