@@ -229,10 +229,13 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
 
     def time_embed(self, timestep, B: int, dtype: torch.dtype, device, added_cond: dict | None) -> torch.Tensor:
-        """(B, time_embed_dim) conditioning vector from the timestep (and SDXL's added_cond)."""
+        """(B, time_embed_dim) conditioning vector from the timestep (and SDXL's added_cond); (1, ...)
+        when one timestep serves the whole batch."""
         c = self.config
         t = torch.as_tensor(timestep, device=device)
-        t = t.reshape(1).expand(B) if t.ndim == 0 else t.expand(B)
+        # One timestep for the whole batch stays (1, D) and broadcasts in the resnets: the same
+        # numbers, and the batch size is not baked into a traced graph (OpenVINO reshapes it).
+        t = t.reshape(-1) if t.numel() == 1 else t.expand(B)
         emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos,
                                                      c.freq_shift).to(dtype))
         if c.addition_embed_type == "text_time":

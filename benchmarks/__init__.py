@@ -1,0 +1,1 @@
+"""sdlite benchmarks: `python -m benchmarks.run --help`."""

@@ -1,0 +1,346 @@
+"""One engine's benchmark, run in a fresh process by `benchmarks.run` so that import time, cold
+start and peak memory are measured the same way for every engine.
+
+    python -m benchmarks.worker SPEC.json RESULT.json
+
+Nothing heavy is imported at module level: the import of the engine (torch included) is the first
+thing timed. Each engine is an adapter with the same five operations (load, generate, unet, plus
+the timers hooked on its text encoder, UNet and VAE decoder), so every figure means the same work:
+
+- sdlite:    sdlite's StableDiffusion pipeline.
+- diffusers: diffusers' StableDiffusionPipeline with the matching scheduler.
+- openvino:  sdlite's pipeline whose UNet is replaced by the same UNet converted with
+             `openvino.convert_model` at static shapes and compiled for the CPU in fp32; the text
+             encoder and VAE run in torch (sdlite's).
+"""
+
+import json
+import resource
+import sys
+import time
+
+STARTED = time.time()
+
+DIFFUSERS_SCHEDULERS = {  # sdlite sampler -> (diffusers scheduler class, config overrides)
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Clock:
+    """Wall-clock timer that waits for the GPU when there is one."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+    def wrap(self, obj, method: str, into: list):
+        """Replace obj.method by a version that appends its duration to `into`."""
+        original = getattr(obj, method)
+
+        def timed(*args, **kwargs):
+            t0 = self.now()
+            out = original(*args, **kwargs)
+            into.append(self.now() - t0)
+            return out
+
+        setattr(obj, method, timed)
+
+
+class SdliteEngine:
+    def __init__(self, spec):
+        self.spec = spec
+
+    def import_(self):
+        import torch  # noqa: F401
+
+        from sdlite import StableDiffusion  # noqa: F401
+
+    def load(self):
+        import torch
+
+        from sdlite import StableDiffusion
+
+        s = self.spec
+        self.sd = StableDiffusion.from_pretrained(s["model"], device=s["device"], dtype=getattr(torch, s["dtype"]))
+
+    def parts(self):
+        """(text encoder module, UNet module, VAE object with .decode) to hook timers on."""
+        return self.sd.text_encoder, self.sd.unet, self.sd.vae
+
+    def generate(self):
+        s = self.spec
+        return self.sd.text_to_image(s["prompt"], negative_prompt=s["negative_prompt"], steps=s["steps"], cfg=s["cfg"],
+                                     seed=s["seed"], sampler=s["sampler"], height=s["height"], width=s["width"])
+
+    def unet(self, x, t, context):
+        return self.sd.unet(x, t, context)
+
+    @property
+    def context_dim(self):
+        return self.sd.unet.config.cross_attention_dim
+
+
+class DiffusersEngine(SdliteEngine):
+    def import_(self):
+        import torch  # noqa: F401
+        from diffusers import StableDiffusionPipeline  # noqa: F401
+
+    def load(self):
+        import diffusers
+        import torch
+
+        s = self.spec
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            s["model"], torch_dtype=getattr(torch, s["dtype"]), safety_checker=None, requires_safety_checker=False
+        ).to(s["device"])
+        name, overrides = DIFFUSERS_SCHEDULERS[s["sampler"]]
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+
+    def parts(self):
+        return self.pipe.text_encoder, self.pipe.unet, self.pipe.vae
+
+    def generate(self):
+        import torch
+
+        s = self.spec
+        return self.pipe(s["prompt"], negative_prompt=s["negative_prompt"], num_inference_steps=s["steps"],
+                         guidance_scale=s["cfg"], height=s["height"], width=s["width"],
+                         generator=torch.Generator("cpu").manual_seed(s["seed"])).images
+
+    def unet(self, x, t, context):
+        return self.pipe.unet(x, t, encoder_hidden_states=context).sample
+
+    @property
+    def context_dim(self):
+        return self.pipe.unet.config.cross_attention_dim
+
+
+class OpenVINOEngine(SdliteEngine):
+    """sdlite's pipeline with the UNet compiled by OpenVINO (static shapes, fp32, `threads` threads)."""
+
+    def import_(self):
+        super().import_()
+        import openvino  # noqa: F401
+
+    def load(self):
+        import openvino as ov
+        import torch
+
+        super().load()
+        s = self.spec
+        unet = self.sd.unet
+        self.ov_model = None
+        self.compiled = {}
+        h, w = s["height"] // 8, s["width"] // 8
+        batch = 2 if s["cfg"] > 1 else 1
+        example = (torch.zeros(batch, unet.config.in_channels, h, w), torch.tensor(999.0),
+                   torch.zeros(batch, 77, unet.config.cross_attention_dim))
+        t0 = time.perf_counter()
+        # Converted with a free batch dimension (so a fixed batch is not folded into reshapes),
+        # then fixed to each batch's static shape before compiling.
+        shapes = [[-1, *example[0].shape[1:]], [], [-1, *example[2].shape[1:]]]
+        with torch.no_grad():
+            self.ov_model = ov.convert_model(unet, example_input=example,
+                                             input=[(shape, ov.Type.f32) for shape in shapes])
+        self.timings = {"convert_s": time.perf_counter() - t0}
+        self.core = ov.Core()
+        t0 = time.perf_counter()
+        self._compiled(batch)
+        self.timings["compile_s"] = time.perf_counter() - t0
+        self.sd.unet = openvino_unet(self, unet.config)
+        del unet  # the torch UNet's weights are no longer needed
+
+    def _compiled(self, batch: int):
+        """The UNet compiled for a UNet batch of `batch` (reshaping the converted model if needed)."""
+        if batch not in self.compiled:
+            sample, _, context = ([batch] + [d.get_length() for d in i.get_partial_shape()[1:]]
+                                  for i in self.ov_model.inputs)
+            self.ov_model.reshape({0: sample, 2: context})
+            config = {"INFERENCE_NUM_THREADS": self.spec["threads"], "INFERENCE_PRECISION_HINT": "f32"}
+            self.compiled[batch] = self.core.compile_model(self.ov_model, "CPU", config)
+        return self.compiled[batch]
+
+    def unet(self, x, t, context):
+        import torch
+
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(())
+        out = self._compiled(x.shape[0])([x.numpy(), t.numpy(), context.numpy()])[0]
+        return torch.from_numpy(out)
+
+
+def openvino_unet(engine: OpenVINOEngine, config):
+    """A module that stands in for sdlite's UNet: same call and `config`, and one empty parameter
+    so that the pipeline reads its dtype and device."""
+    import torch
+    from torch import nn
+
+    class OpenVINOUNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = config
+            self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
+
+        def forward(self, x, t, context, added_cond=None):
+            return engine.unet(x, t, context)
+
+    return OpenVINOUNet()
+
+
+def probe(spec: dict) -> dict:
+    """Facts about the machine and the work, shared by all engines: the UNet's FLOPs per call
+    (counted once by FlopCounterMode on sdlite's UNet built on the meta device, so no memory and
+    no time is spent) and the matmul peak (best of repeated square GEMMs) in the benchmark's
+    dtype, device and thread count."""
+    import json as json_
+    from pathlib import Path
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdlite.config import UNetConfig
+    from sdlite.unet import UNet2DConditionModel
+
+    torch.set_num_threads(spec["threads"])
+    config = UNetConfig.from_json(json_.loads((Path(spec["model"]) / "unet" / "config.json").read_text()))
+    h, w = spec["height"] // 8, spec["width"] // 8
+    flops = {}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(config)
+        for n in spec["batches"]:
+            batch = 2 * n if spec["cfg"] > 1 else n
+            with FlopCounterMode(display=False) as counter:
+                unet(torch.empty(batch, config.in_channels, h, w), torch.tensor(500.0),
+                     torch.empty(batch, 77, config.cross_attention_dim))
+            flops[n] = counter.get_total_flops()
+    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
+    clock = Clock(device)
+    best = 0.0
+    for size in spec["gemm_sizes"]:
+        a = torch.randn(size, size, dtype=dtype, device=device)
+        b = torch.randn(size, size, dtype=dtype, device=device)
+        torch.mm(a, b)
+        for _ in range(spec["gemm_reps"]):
+            t0 = clock.now()
+            torch.mm(a, b)
+            best = max(best, 2 * size**3 / (clock.now() - t0))
+    machine = {"gemm_peak_gflops": best / 1e9, "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "cpu": cpu_name()}
+    if device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name()
+    try:
+        import importlib.metadata as metadata
+
+        for package in ("diffusers", "transformers", "openvino", "accelerate"):
+            try:
+                machine[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                machine[package] = None
+    except ImportError:
+        pass
+    return {"engine": "probe", "unet_flops": flops, "machine": machine}
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+ENGINES = {"sdlite": SdliteEngine, "diffusers": DiffusersEngine, "openvino": OpenVINOEngine}
+
+
+def main(spec_path: str, result_path: str) -> None:
+    spec = json.loads(open(spec_path).read())
+    if spec["engine"] == "probe":
+        with open(result_path, "w") as f:
+            json.dump(probe(spec), f, indent=2)
+        return
+    result = {"engine": spec["engine"], "startup_s": STARTED - spec["spawned"]}
+    engine = ENGINES[spec["engine"]](spec)
+
+    t0 = time.perf_counter()
+    engine.import_()
+    result["import_s"] = time.perf_counter() - t0
+
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    clock = Clock(spec["device"])
+    t0 = clock.now()
+    engine.load()
+    result["load_s"] = clock.now() - t0
+    result.update(getattr(engine, "timings", {}))
+    result["cold_start_s"] = time.time() - spec["spawned"]  # process spawn -> model ready
+    result["rss_after_load_mb"] = peak_rss_mb()
+
+    text, unet, vae = engine.parts()
+    times = {"text": [], "unet": [], "vae": []}
+    clock.wrap(text, "forward", times["text"])
+    clock.wrap(unet, "forward", times["unet"])
+    clock.wrap(vae, "decode", times["vae"])
+    with torch.inference_mode():
+        t0 = clock.now()
+        images = engine.generate()
+        result["end_to_end_s"] = clock.now() - t0
+    result["peak_rss_mb"] = peak_rss_mb()
+    if spec["device"].startswith("cuda"):
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    steps = list(times["unet"])  # the hooks stay: later calls must not count here
+    result["text_encoding_s"] = sum(times["text"])
+    result["unet_first_step_s"] = steps[0]
+    rest = sorted(steps[1:]) or steps
+    result["unet_step_s"] = rest[len(rest) // 2]
+    result["unet_steps"] = steps
+    result["vae_decode_s"] = sum(times["vae"])
+    images[0].save(spec["image"])
+
+    # UNet throughput: n images with CFG is one UNet call on a batch of 2n.
+    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
+    h, w = spec["height"] // 8, spec["width"] // 8
+    throughput = {}
+    for n in spec["batches"]:
+        batch = 2 * n if spec["cfg"] > 1 else n
+        if batch == len(images) * (2 if spec["cfg"] > 1 else 1):
+            throughput[n] = n / result["unet_step_s"]  # the shape the generation just ran
+            continue
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 4, h, w, generator=gen, dtype=dtype).to(device)
+        context = torch.randn(batch, 77, engine.context_dim, generator=gen, dtype=dtype).to(device)
+        calls = []
+        with torch.inference_mode():
+            for _ in range(1 + spec["reps"]):  # the first call warms up
+                t0 = clock.now()
+                engine.unet(x, torch.tensor(500.0), context)
+                calls.append(clock.now() - t0)
+        calls = sorted(calls[1:])
+        throughput[n] = n / calls[len(calls) // 2]
+    result["unet_images_per_s"] = throughput
+    result["final_rss_mb"] = peak_rss_mb()
+    with open(result_path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
