@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -114,7 +115,7 @@ strength = _number(float, 0.0, 1.0)
 def build_parser() -> Parser:
     parser = Parser(prog="sdlite", description="Stable Diffusion on the command line.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"sdlite {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,info}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,info,serve}")
     generate = commands.add_parser("generate", help="text to image", allow_abbrev=False)
     generate.add_argument("prompt", nargs="?", help="what to draw (optional with --from-png)")
     generate.add_argument("--from-png", type=Path, metavar="FILE", help="redo the image recorded in FILE's metadata")
@@ -134,7 +135,32 @@ def build_parser() -> Parser:
     info.add_argument("model", nargs="?", help="model folder (default: the bundled model)")
     info.add_argument("--device", default="cpu")
     info.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_serve_parser(commands)
     return parser
+
+
+def add_serve_parser(commands) -> None:
+    """`sdlite serve`: the options map one to one to sdlite.server.ServerOptions (docs: README, Server)."""
+    serve = commands.add_parser("serve", help="HTTP server: OpenAI and web UI APIs, a web page", allow_abbrev=False)
+    add = serve.add_argument
+    add("--model", metavar="PATH", help="model folder (default: the bundled model)")
+    add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    add("--port", type=_number(int, 0, 65535), default=7860, help="default 7860")
+    add("--api-key", default=os.environ.get("SDLITE_API_KEY"), metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: $SDLITE_API_KEY; none: no key)")
+    add("--device", default="cpu")
+    add("--dtype", choices=DTYPES, default="float32")
+    add("--max-width", type=positive, default=1024, metavar="PX")
+    add("--max-height", type=positive, default=1024, metavar="PX")
+    add("--max-steps", type=positive, default=150, metavar="N")
+    add("--max-images", type=positive, default=8, metavar="N", help="per request (default 8)")
+    add("--max-body-mb", type=_number(float, 0.001), default=32.0, metavar="MB", help="request body limit (default 32)")
+    add("--max-queue", type=positive, default=16, metavar="N", help="waiting jobs; more get 503 (default 16)")
+    add("--workers", type=positive, default=1, metavar="N", help="jobs run at a time (default 1)")
+    add("--preview", choices=("approx", "vae", "none"), default="approx",
+        help="live preview: approx (linear latent to RGB, cheap), vae (full decode) or none")
+    add("--preview-every", type=positive, default=2, metavar="N", help="steps between previews (default 2)")
+    add("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow this origin (repeatable; default: CORS off)")
 
 
 def add_common_options(p: Parser) -> None:
@@ -238,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "info":
             return show_info(args)
+        if args.command == "serve":
+            return serve(args)
         settings, output = settings_from_args(args)
         if output.quiet:
             warnings.simplefilter("ignore")
@@ -397,8 +425,15 @@ def run_triangle(sd, s: Settings, out: Output, source) -> list[Path]:
 
 def save(image, path: Path, s: Settings, model_name: str, out: Output, file: dict) -> None:
     """Write `image` with the web UI `parameters` chunk and the `sdlite` record of the run."""
+    parameters, record = png_metadata(s, model_name, file, out.save_prompt)
+    images.save_png(image, path, images.png_info(parameters, record), overwrite=out.overwrite)
+
+
+def png_metadata(s: Settings, model_name: str, file: dict, save_prompt: bool = True) -> tuple[str, dict]:
+    """The web UI `parameters` text and the `sdlite` record of one file of a run (`sdlite serve`
+    writes the same)."""
     recorded = asdict(s)
-    if not out.save_prompt:
+    if not save_prompt:
         recorded["prompt"] = None
         recorded["negative_prompt"] = None if s.negative_prompt else ""
     index = file.get("index")
@@ -419,7 +454,26 @@ def save(image, path: Path, s: Settings, model_name: str, out: Output, file: dic
     parameters = images.webui_parameters(recorded["prompt"], recorded["negative_prompt"], webui)
     record = {"sdlite": __version__, "model_name": model_name, "settings": recorded,
               "file": {"kind": "grid", "index": None, "step": None, **file}}
-    images.save_png(image, path, images.png_info(parameters, record), overwrite=out.overwrite)
+    return parameters, record
+
+
+# -- serve --------------------------------------------------------------------------------------
+
+
+def serve(args) -> int:
+    """Load the model and serve it until Ctrl-C; the server and its dependencies are imported only now."""
+    try:
+        from . import server
+    except ImportError as e:
+        raise UsageError(f"sdlite serve needs the server dependencies: pip install 'sdlite[serve]' ({e})") from None
+    options = server.ServerOptions(
+        api_key=args.api_key or None, max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
+        max_images=args.max_images, max_body=int(args.max_body_mb * 2**20), max_queue=args.max_queue,
+        workers=args.workers, preview=args.preview, preview_every=args.preview_every,
+        cors_origins=tuple(args.cors_origin))
+    sd = load_model(args.model and str(Path(args.model).absolute()), args.device, args.dtype)
+    server.serve(sd, args.host, args.port, options)
+    return 0
 
 
 # -- info ---------------------------------------------------------------------------------------

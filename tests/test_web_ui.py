@@ -1,0 +1,100 @@
+"""The web page of `sdlite serve` in a real browser: headless Chromium (the system's, driven by
+Playwright) loads `/`, types a prompt, presses Generate, sees the progress bar move and the live
+preview, then an image in the gallery; reuses its settings; drops an image for img2img. Screenshots
+go to artifacts/ (web-ui.png, web-ui-img2img.png)."""
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from server_support import running  # noqa: E402
+
+from sdlite import StableDiffusion  # noqa: E402
+from sdlite.server import ServerOptions, create_app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+# Records, from before the click, every value the progress bar shows and whether a preview appeared.
+WATCH = """() => {
+  window.seen = { progress: [], preview: false };
+  new MutationObserver(() => {
+    window.seen.progress.push(+document.getElementById("bar").getAttribute("aria-valuenow"));
+    const preview = document.getElementById("preview");
+    if (preview.style.display === "block" && preview.src.startsWith("data:image/png")) window.seen.preview = true;
+  }).observe(document.body, { attributes: true, subtree: true, attributeFilter: ["aria-valuenow", "src", "style"] });
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium (apt-get install chromium); the browser test needs it")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def url(reference_model):
+    sd = StableDiffusion.from_pretrained(reference_model("sd1"))
+    with running(create_app(sd, ServerOptions(preview_every=1))) as base:
+        yield base
+
+
+def test_generate_in_the_browser(browser, url):
+    artifacts = ROOT / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('sampler').options.length > 0")  # /sdlite/v1/info loaded
+    assert page.input_value("#width") == "64" and page.input_value("#sampler") == "pndm"
+
+    page.fill("#prompt", "a red circle on a blue background")
+    page.fill("#steps", "120")  # long enough to watch the bar move (~2 s on the tiny model)
+    page.fill("#seed", "42")
+    page.evaluate(WATCH)
+    page.click("#generate")
+    page.wait_for_selector("#gallery .result img", timeout=60_000)
+    page.wait_for_function("document.querySelector('#gallery .result img').naturalWidth === 64")
+    seen = page.evaluate("window.seen")
+    assert any(0 < value < 100 for value in seen["progress"]), seen["progress"]
+    assert seen["progress"][-1] == 100 and seen["preview"]
+    assert "Seed: 42" in page.inner_text("#gallery .result pre")
+    assert page.inner_text("#status").startswith("Done")
+    page.screenshot(path=str(artifacts / "web-ui.png"))
+
+    # Reuse puts the image's settings back into the form.
+    page.fill("#prompt", "something else")
+    page.fill("#seed", "-1")
+    page.click("#gallery .result button")
+    assert page.input_value("#prompt") == "a red circle on a blue background" and page.input_value("#seed") == "42"
+
+    # img2img: drop an image on the drop zone.
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 200, 30)).save(buffer, format="PNG")
+    page.evaluate("""(data) => {
+      const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+      const transfer = new DataTransfer();
+      transfer.items.add(new File([bytes], "green.png", { type: "image/png" }));
+      document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+    }""", base64.b64encode(buffer.getvalue()).decode())
+    page.wait_for_selector("#source:not([hidden])")
+    page.fill("#steps", "10")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery .result').length === 2", timeout=60_000)
+    assert "Denoising strength: 0.75" in page.inner_text("#gallery .result pre")
+    page.screenshot(path=str(artifacts / "web-ui-img2img.png"))
+    assert not errors
