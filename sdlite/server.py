@@ -22,6 +22,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -209,8 +210,6 @@ class Server:
 
     def source_image(self, data: str, width: int | None, height: int | None) -> tuple[Image.Image, str]:
         """An img2img source from base64 (or a data: URL): decoded, checked, fitted to the model."""
-        import hashlib
-
         if data.startswith("data:"):
             data = data.partition(",")[2]
         try:
@@ -242,22 +241,35 @@ class Server:
         try:
             return self.queue.submit(generation)
         except QueueFull as e:
-            raise ApiError(503, f"{e}; try again later", "server_busy", {"Retry-After": str(self.retry_after())})
+            raise ApiError(503, f"{e}; try again later", "server_busy",
+                           {"Retry-After": str(self.retry_after())}) from None
 
     def retry_after(self) -> int:
         """Seconds until a place in the queue is likely free: the mean job time so far, at least 1."""
         times = [j.finished - j.started for j in self.queue.jobs() if j.state in FINISHED and j.started]
         return max(1, math.ceil(sum(times) / len(times))) if times else 5
 
-    async def wait(self, job: Job) -> Job:
+    async def wait(self, job: Job, request: Request) -> Job:
+        """Wait for `job` without holding a thread; cancel it if the client goes away meanwhile."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
         def finished(_job):
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
 
+        async def disconnected():  # the body has been read: the next message is the disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
         self.queue.on_finish(job, finished)
-        await done
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait([done, watch], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not done.done():
+            self.queue.cancel(job)  # nobody is waiting for it any more
+            raise ApiError(499, "the client closed the connection")
         if job.state == "failed":
             raise ApiError(500, f"generation failed: {job.error}", "server_error")
         if job.state == "cancelled":
@@ -379,7 +391,7 @@ def create_app(sd, options: ServerOptions | None = None) -> FastAPI:
         n = 1 if body.n is None else body.n
         webui = Txt2ImgRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                                seed=-1 if body.seed is None else body.seed, width=width, height=height, batch_size=n)
-        job = await server.wait(server.submit(server.generation(webui, sampler=body.sampler, cfg=body.cfg)))
+        job = await server.wait(server.submit(server.generation(webui, sampler=body.sampler, cfg=body.cfg)), request)
         base = str(request.base_url)
         data = [{"b64_json": b64(r.png)} if body.response_format == "b64_json" else
                 {"url": f"{base}sdlite/v1/jobs/{job.id}/images/{i}.png"} for i, r in enumerate(job.results)]
@@ -391,25 +403,26 @@ def create_app(sd, options: ServerOptions | None = None) -> FastAPI:
 
     # the web UI's API
 
-    async def webui_generate(body: Txt2ImgRequest, image=None, strength=None):
-        job = await server.wait(server.submit(server.generation(body, image, strength, cfg=body.cfg_scale)))
+    async def webui_generate(request: Request, body: Txt2ImgRequest, image=None, strength=None):
+        job = await server.wait(server.submit(server.generation(body, image, strength, cfg=body.cfg_scale)), request)
         parameters = body.model_dump(exclude={"init_images"})
         return {"images": [b64(r.png) for r in job.results], "parameters": parameters, "info": webui_info(job)}
 
     @app.post("/sdapi/v1/txt2img", tags=["web UI"])
-    async def txt2img(body: Txt2ImgRequest):
-        return await webui_generate(body)
+    async def txt2img(body: Txt2ImgRequest, request: Request):
+        return await webui_generate(request, body)
 
     @app.post("/sdapi/v1/img2img", tags=["web UI"])
-    async def img2img(body: Img2ImgRequest):
+    async def img2img(body: Img2ImgRequest, request: Request):
         if not body.init_images:
             raise ApiError(400, "init_images must hold one base64 image")
-        return await webui_generate(body, body.init_images[0], body.denoising_strength)
+        return await webui_generate(request, body, body.init_images[0], body.denoising_strength)
 
     @app.get("/sdapi/v1/progress", tags=["web UI"])
     async def progress(skip_current_image: bool = False):
         queue = server.queue
-        job = queue.running[0] if queue.running else None
+        running = list(queue.running)
+        job = running[0] if running else None
         steps = job.total_steps // job.generation.n_iter if job else 0
         return {
             "progress": job.progress if job else 0.0,

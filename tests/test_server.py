@@ -203,6 +203,13 @@ def test_queue_order_position_and_cancel(url):
     assert call(f"{url}/sdlite/v1/jobs/nope")[0] == 404
 
 
+def test_a_client_that_goes_away_cancels_its_job(url):
+    with pytest.raises(OSError):  # the client's timeout: it closes the connection
+        call(f"{url}/sdapi/v1/txt2img", {"prompt": "gone", "steps": LONG}, timeout=1)
+    gone = next(j for j in call(f"{url}/sdlite/v1/jobs")[2]["jobs"] if j["settings"]["prompt"] == "gone")
+    assert finished(url, gone["id"])["state"] == "cancelled"
+
+
 def test_full_queue_answers_503_with_retry_after(sd):
     with running(create_app(sd, ServerOptions(max_queue=1, max_steps=2000))) as base:
         running_job = job(base, steps=LONG)
