@@ -27,7 +27,7 @@ import time
 import traceback
 import warnings
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -83,10 +83,8 @@ class Generation:
 
     def describe(self) -> dict:
         """JSON-friendly settings (for the job API and the gallery's 'reuse')."""
-        described = asdict(self)
-        del described["image"]
-        described["mode"] = self.mode
-        return described
+        described = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "image"}  # not asdict:
+        return {**described, "mode": self.mode}  # it would deep-copy the source image
 
 
 @dataclass

@@ -108,12 +108,13 @@ class Txt2ImgRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     prompt: str = ""
-    negative_prompt: str = ""
+    negative_prompt: str | None = ""
     steps: int | None = Field(None, description="default: the model's")
     cfg_scale: float | None = Field(None, description="default: the model's; <= 1 turns guidance off")
     sampler_name: str | None = Field(None, description="a web UI name ('Euler a') or sdlite's ('euler_a')")
+    sampler_index: str | None = Field(None, description="older clients' name for sampler_name")
     scheduler: str | None = Field(None, description="'Automatic' or 'Karras'")
-    seed: int = Field(-1, description="-1: random")
+    seed: int | None = Field(-1, description="-1 (or null): random")
     width: int | None = Field(None, description="default: the model's size (img2img: the image's)")
     height: int | None = None
     batch_size: int = 1
@@ -162,8 +163,9 @@ class Server:
         if r.batch_size < 1 or r.n_iter < 1 or r.batch_size * r.n_iter > o.max_images:
             raise ApiError(400, f"batch_size and n_iter must be at least 1 and give at most {o.max_images} images, "
                                 f"got {r.batch_size} x {r.n_iter}")
-        if r.seed != -1 and not 0 <= r.seed < MAX_SEED:
-            raise ApiError(400, f"seed must be -1 (random) or in [0, 2^63), got {r.seed}")
+        seed = -1 if r.seed is None else r.seed
+        if seed != -1 and not 0 <= seed < MAX_SEED:
+            raise ApiError(400, f"seed must be -1 (random) or in [0, 2^63), got {seed}")
         source, digest = (None, None) if image is None else self.source_image(image, r.width, r.height)
         if source is not None:
             width, height = source.size
@@ -173,14 +175,16 @@ class Server:
             width = sd.default_size[1] if r.width is None else r.width
             height = sd.default_size[0] if r.height is None else r.height
         self.check_size(width, height)
-        sampler = self.sampler(r.sampler_name if sampler is None else sampler, r.scheduler)
+        if sampler is None:
+            sampler = r.sampler_name if r.sampler_name is not None else r.sampler_index
+        sampler = self.sampler(sampler, r.scheduler)
         try:  # the schedule may not allow this many steps (more than its training timesteps)
             sd.num_denoising_steps(steps, 1.0 if source is None else strength, sampler)
         except (ValueError, IndexError) as e:
             raise ApiError(400, f"{steps} steps of {sampler} are not possible with this model ({e})") from None
         return Generation(
-            prompt=r.prompt, negative_prompt=r.negative_prompt, steps=steps, cfg=float(cfg), sampler=sampler,
-            seed=random.randrange(2**32) if r.seed == -1 else r.seed, width=width, height=height,
+            prompt=r.prompt, negative_prompt=r.negative_prompt or "", steps=steps, cfg=float(cfg), sampler=sampler,
+            seed=random.randrange(2**32) if seed == -1 else seed, width=width, height=height,
             batch_size=r.batch_size, n_iter=r.n_iter, image=source, image_sha256=digest,
             strength=None if source is None else float(strength),
         )

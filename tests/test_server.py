@@ -119,9 +119,10 @@ def test_txt2img_webui_names_metadata_and_cli_replay(url, model_path, tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cli.png").convert("RGB")),
                                   np.asarray(image.convert("RGB")))
 
-    # DPM++ 2M with the Karras schedule, as newer web UIs send it; random seed (-1) is drawn.
-    status, _, answer = call(f"{url}/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, "sampler_name": "DPM++ 2M",
-                                                          "scheduler": "Karras", "seed": -1})
+    # DPM++ 2M with the Karras schedule, as newer web UIs send it (older ones say sampler_index); the
+    # random seed (-1 or null) is drawn; a null negative prompt is an empty one.
+    status, _, answer = call(f"{url}/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, "sampler_index": "DPM++ 2M",
+                                                          "scheduler": "Karras", "seed": None, "negative_prompt": None})
     assert status == 200
     settings = json.loads(png_from_b64(answer["images"][0]).text["sdlite"])["settings"]
     assert settings["sampler"] == "dpmpp_2m_karras" and 0 <= settings["seed"] < 2**32
