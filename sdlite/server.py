@@ -166,6 +166,7 @@ class Server:
         seed = -1 if r.seed is None else r.seed
         if seed != -1 and not 0 <= seed < MAX_SEED:
             raise ApiError(400, f"seed must be -1 (random) or in [0, 2^63), got {seed}")
+        self.check_size(r.width, r.height)  # before an img2img source is resized to them
         source, digest = (None, None) if image is None else self.source_image(image, r.width, r.height)
         if source is not None:
             width, height = source.size
@@ -189,10 +190,10 @@ class Server:
             strength=None if source is None else float(strength),
         )
 
-    def check_size(self, width: int, height: int) -> None:
+    def check_size(self, width: int | None, height: int | None) -> None:
         o, factor = self.options, self.sd.vae.config.downscale_factor
         for name, value, limit in (("width", width, o.max_width), ("height", height, o.max_height)):
-            if value % 8 or not max(8, factor) <= value <= limit:
+            if value is not None and (value % 8 or not max(8, factor) <= value <= limit):
                 raise ApiError(400, f"{name} must be a multiple of 8 in [{max(8, factor)}, {limit}], got {value}")
 
     def sampler(self, name: str | None, scheduler: str | None) -> str:

@@ -239,6 +239,8 @@ BAD_REQUESTS = [
     ("img2img", {"init_images": []}, 400, "init_images must hold one"),
     ("img2img", {"init_images": [b64_png(Image.new("RGB", (32, 32)))]}, 400, "at least 64x64"),
     ("img2img", {"init_images": [b64_png(Image.new("RGB", (64, 64)))], "denoising_strength": 2}, 400, "[0, 1]"),
+    ("img2img", {"init_images": [b64_png(Image.new("RGB", (64, 64)))], "width": 10**6}, 400, "width must be"),
+    ("img2img", {"init_images": [b64_png(Image.new("RGB", (2048, 64)))]}, 400, "give width and height"),
     ("img2img", {}, 422, "init_images: Field required"),
 ]
 
