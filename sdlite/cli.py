@@ -157,8 +157,9 @@ def add_serve_parser(commands) -> None:
     add("--max-body-mb", type=_number(float, 0.001), default=32.0, metavar="MB", help="request body limit (default 32)")
     add("--max-queue", type=positive, default=16, metavar="N", help="waiting jobs; more get 503 (default 16)")
     add("--workers", type=positive, default=1, metavar="N", help="jobs run at a time (default 1)")
-    add("--preview", choices=("approx", "vae", "none"), default="approx",
-        help="live preview: approx (linear latent to RGB, cheap), vae (full decode) or none")
+    add("--preview", choices=("auto", "approx", "vae", "none"), default="auto",
+        help="live preview: vae (real decode), approx (linear latent to RGB, cheap), none; "
+             "auto (default): vae if a decode takes under 50 ms, else approx")
     add("--preview-every", type=positive, default=2, metavar="N", help="steps between previews (default 2)")
     add("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow this origin (repeatable; default: CORS off)")
 

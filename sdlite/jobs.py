@@ -12,9 +12,10 @@ HTTP server keeps answering.
 - Results are PNG files with the command line's metadata (`sdlite.cli.png_metadata`), so
   `sdlite generate --from-png` redoes a server image. Finished jobs are kept for `keep_finished`
   more jobs, then forgotten, so memory stays flat however long the server runs.
-- Previews are cheap: `fit_latent_rgb` fits, once per model, a linear map latent channels -> RGB
-  on a few VAE decodes (the trick of the web UIs' "Approx cheap" preview, fitted instead of
-  hard-coded so it holds for any VAE); `preview="vae"` decodes for real instead.
+- Previews: "vae" decodes the latents for real; "approx" maps latent channels linearly to RGB (the
+  web UIs' "Approx cheap" preview), with a map that `fit_latent_rgb` fits once per model on a few
+  encoded images instead of hard-coded factors; "auto" (the default) decodes for real when one
+  decode takes under `CHEAP_DECODE` seconds (small models, GPUs), else uses the linear map.
 
 No web framework here: the queue is usable and testable on its own.
 """
@@ -36,7 +37,8 @@ from PIL import Image
 from . import cli, images
 from .pipeline import BUNDLED_MODEL
 
-PREVIEW_METHODS = ("approx", "vae", "none")
+PREVIEW_METHODS = ("auto", "approx", "vae", "none")
+CHEAP_DECODE = 0.05  # seconds: "auto" previews with real VAE decodes below this
 FINISHED = ("done", "interrupted", "cancelled", "failed")
 
 
@@ -131,16 +133,16 @@ class Job:
 class JobQueue:
     """A bounded FIFO of generation jobs, run by `workers` threads on one loaded model."""
 
-    def __init__(self, sd, max_queue: int = 16, workers: int = 1, preview: str = "approx",
+    def __init__(self, sd, max_queue: int = 16, workers: int = 1, preview: str = "auto",
                  preview_every: int = 2, keep_finished: int = 64):
         if preview not in PREVIEW_METHODS:
             raise ValueError(f"preview must be one of {', '.join(PREVIEW_METHODS)}, got {preview!r}")
         self.sd = sd
         self.max_queue = max_queue
-        self.preview = preview
+        self.preview = preview if preview != "auto" else "vae" if decode_seconds(sd) < CHEAP_DECODE else "approx"
         self.preview_every = preview_every
         self.keep_finished = keep_finished
-        self.latent_rgb = fit_latent_rgb(sd) if preview == "approx" else None
+        self.latent_rgb = fit_latent_rgb(sd) if self.preview == "approx" else None
         self.pending: deque[Job] = deque()
         self.running: list[Job] = []
         self.finished: OrderedDict[str, Job] = OrderedDict()
@@ -310,17 +312,30 @@ class JobQueue:
 
 
 @torch.inference_mode()
-def fit_latent_rgb(sd, size: int = 16, samples: int = 4, seed: int = 0) -> torch.Tensor:
+def decode_seconds(sd) -> float:
+    """How long one VAE decode of a default-size latent takes (the second of two runs)."""
+    factor = sd.vae.config.downscale_factor
+    z = torch.zeros((1, sd.unet.config.in_channels, sd.default_size[0] // factor, sd.default_size[1] // factor),
+                    device=sd.device, dtype=sd.dtype)
+    sd.decode(z)
+    start = time.perf_counter()
+    sd.decode(z)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def fit_latent_rgb(sd, size: int = 16, samples: int = 8, seed: int = 0) -> torch.Tensor:
     """A (C + 1, 3) least-squares map from a latent pixel (and 1) to the mean RGB of the image
-    pixels the VAE decodes it to, fitted on `samples` random latents of `size` x `size`."""
-    channels = sd.unet.config.in_channels
+    pixels it encodes, fitted on `samples` smooth random colour fields encoded by the VAE."""
+    factor = sd.vae.config.downscale_factor
     generator = torch.Generator("cpu").manual_seed(seed)
-    z = torch.randn((samples, channels, size, size), generator=generator)  # (S, C, h, w)
-    pixels = sd.vae.decode(z.to(sd.device, sd.vae_dtype) / sd.vae.config.scaling_factor).float().cpu()
-    rgb = F.adaptive_avg_pool2d(pixels, size)  # (S, 3, h, w) in [-1, 1]
+    coarse = torch.rand((samples, 3, 4, 4), generator=generator) * 2 - 1  # 4x4 random colours in [-1, 1]
+    pixels = F.interpolate(coarse, size=(size * factor, size * factor), mode="bilinear", align_corners=False)
+    z = sd.vae.encode(pixels.to(sd.device, sd.vae_dtype)).mean.float().cpu() * sd.vae.config.scaling_factor
+    rgb = F.avg_pool2d(pixels, factor)  # (S, 3, size, size): the colour under each latent pixel
+    channels = z.shape[1]
     x = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, channels), torch.ones(z.numel() // channels, 1)], dim=1)
-    y = rgb.permute(0, 2, 3, 1).reshape(-1, 3)
-    return torch.linalg.lstsq(x, y).solution
+    return torch.linalg.lstsq(x, rgb.permute(0, 2, 3, 1).reshape(-1, 3)).solution
 
 
 def latents_to_rgb(latents: torch.Tensor, latent_rgb: torch.Tensor, scale: int) -> list[Image.Image]:

@@ -65,7 +65,7 @@ class ServerOptions:
     max_body: int = 32 * 2**20  # bytes of a request body (img2img sends base64 images)
     max_queue: int = 16  # jobs waiting; more are refused with 503
     workers: int = 1  # jobs run at a time
-    preview: str = "approx"  # approx (linear latent -> RGB), vae (full decode) or none
+    preview: str = "auto"  # auto, approx (linear latent -> RGB), vae (full decode) or none
     preview_every: int = 2  # steps between previews
     keep_finished: int = 32  # finished jobs kept for the job API and `url` results
     cors_origins: tuple[str, ...] = field(default_factory=tuple)  # empty: CORS off
@@ -466,6 +466,7 @@ def create_app(sd, options: ServerOptions | None = None) -> FastAPI:
     async def info():
         return {"version": __version__, "model": sd.name, "samplers": list(sd.sampler_names),
                 "webui_samplers": {n: WEBUI_SAMPLERS.get(n, n) for n in sd.sampler_names},
+                "preview": server.queue.preview,
                 "defaults": {"steps": sd.default_steps, "cfg": sd.default_cfg, "sampler": sd.default_sampler,
                              "width": sd.default_size[1], "height": sd.default_size[0]},
                 "limits": {k: getattr(options, k) for k in ("max_width", "max_height", "max_steps", "max_images",

@@ -94,6 +94,19 @@ def test_openai_client(url, sd):
     assert client.models.list().data[0].id == sd.name
 
 
+def test_preview_methods(sd):
+    from sdlite.jobs import Generation, JobQueue
+
+    generation = Generation("a cat", "", steps=4, cfg=7.5, sampler="ddim", seed=0, width=64, height=48)
+    for method in ("approx", "vae", "auto"):
+        queue = JobQueue(sd, preview=method, preview_every=1)
+        assert queue.preview == ("vae" if method == "auto" else method)  # a tiny model decodes in no time
+        job = queue.submit(generation)
+        wait_for(lambda: job.state == "done")
+        queue.close()
+        assert Image.open(io.BytesIO(job.preview)).size == (64, 48) and len(job.results) == 1
+
+
 # -- the web UI's API -----------------------------------------------------------------------------
 
 
