@@ -19,7 +19,7 @@ from PIL import Image
 
 from .clip import CLIPTextModel
 from .config import CLIPConfig, UNetConfig, VAEConfig
-from .loading import load_component, read_json
+from .loading import load_component, load_network, read_json
 from .samplers import SAMPLERS, default_sampler, make_plan
 from .schedules import ScheduleConfig
 from .tokenizer import CLIPTokenizer
@@ -44,9 +44,15 @@ class Defaults:
 class StableDiffusion:
     """A loaded Stable Diffusion model (SD 1.x / 2.x) and the ways to generate images with it."""
 
-    def __init__(self, tokenizer, text_encoder, unet, vae, schedule: ScheduleConfig, defaults: Defaults, path: Path):
+    def __init__(self, tokenizer, text_encoder, unet, vae, schedule: ScheduleConfig, defaults: Defaults, path: Path,
+                 tokenizer_2=None, text_encoder_2=None, force_zeros_for_empty_prompt: bool = False):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.tokenizer_2 = tokenizer_2  # SDXL's second tokenizer and text encoder (with projection)
+        self.text_encoder_2 = text_encoder_2
+        # SDXL: an empty negative prompt is all-zero conditioning, as diffusers does by default.
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self._lora_base = {}  # (network, parameter) -> the weight before any LoRA was merged
         self.unet = unet
         self.vae = vae
         self.schedule = schedule
@@ -78,31 +84,92 @@ class StableDiffusion:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         allow_pickle: bool = False,
+        prediction_type: str | None = None,
+        loras: list | tuple = (),
     ) -> "StableDiffusion":
         """Load a diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-        scheduler/); with no path, the model bundled with sdlite. `allow_pickle` permits .bin
-        weights, which can run code when read: use it only for files you trust."""
+        scheduler/) or a single-file checkpoint (.safetensors, or .ckpt with `allow_pickle`); with
+        no path, the model bundled with sdlite. `allow_pickle` permits pickle weights, which can run
+        code when read: use it only for files you trust. `prediction_type` ("epsilon" or
+        "v_prediction") overrides the checkpoint's (single files: see sdlite.single_file for the
+        default). `loras` is a list of (path, weight) merged after loading (see `load_lora`)."""
         path = BUNDLED_MODEL if path is None else Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"model folder not found: {path}")
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{path} is not a diffusers-layout model folder (no model_index.json)")
-        text_config = CLIPConfig.from_json(read_json(path / "text_encoder" / "config.json"))
-        unet_config = UNetConfig.from_json(read_json(path / "unet" / "config.json"))
-        vae_config = VAEConfig.from_json(read_json(path / "vae" / "config.json"))
-        schedule = ScheduleConfig.from_json(read_json(path / "scheduler" / "scheduler_config.json"))
-        load = dict(device=device, allow_pickle=allow_pickle)
+            raise FileNotFoundError(f"model folder not found: {path} (nor a single-file checkpoint of that name)")
+        if path.is_file():
+            from .single_file import read_single_file
+
+            checkpoint = read_single_file(path, allow_pickle=allow_pickle, prediction_type=prediction_type)
+            configs = checkpoint.configs
+            tokenizer_folder = checkpoint.folder
+            defaults = Defaults(name=path.stem)
+
+            def load(component, network_class, config, dtype):
+                with torch.device("meta"):
+                    network = network_class(config)
+                return load_network(network, checkpoint.weights[component], f"{path} ({component})", dtype, device)
+        else:
+            if not (path / "model_index.json").is_file():
+                raise FileNotFoundError(f"{path} is not a diffusers-layout model folder (no model_index.json)")
+            configs = {"model_index": read_json(path / "model_index.json"),
+                       "scheduler": read_json(path / "scheduler" / "scheduler_config.json")}
+            for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+                if component == "text_encoder_2" and not (path / component).is_dir():
+                    continue
+                configs[component] = read_json(path / component / "config.json")
+            if prediction_type is not None:
+                configs["scheduler"] = dict(configs["scheduler"], prediction_type=prediction_type)
+            tokenizer_folder = path.joinpath
+            defaults = read_defaults(path / "sdlite.json")
+
+            def load(component, network_class, config, dtype):
+                return load_component(network_class, config, path / component, dtype, device=device,
+                                      allow_pickle=allow_pickle)
+
+        unet_config = UNetConfig.from_json(configs["unet"])
+        vae_config = VAEConfig.from_json(configs["vae"])
+        schedule = ScheduleConfig.from_json(configs["scheduler"])
         # A VAE flagged force_upcast overflows in half precision (black images): keep it in fp32.
         vae_dtype = torch.float32 if vae_config.force_upcast and dtype == torch.float16 else dtype
-        return cls(
-            tokenizer=CLIPTokenizer.from_folder(path / "tokenizer"),
-            text_encoder=load_component(CLIPTextModel, text_config, path / "text_encoder", dtype, **load),
-            unet=load_component(UNet2DConditionModel, unet_config, path / "unet", dtype, **load),
-            vae=load_component(AutoencoderKL, vae_config, path / "vae", vae_dtype, **load),
+        text_encoder = load("text_encoder", CLIPTextModel, CLIPConfig.from_json(configs["text_encoder"]), dtype)
+        second = {}
+        if "text_encoder_2" in configs:
+            config_2 = CLIPConfig.from_json(configs["text_encoder_2"], with_projection=True)
+            second = dict(text_encoder_2=load("text_encoder_2", CLIPTextModel, config_2, dtype),
+                          tokenizer_2=CLIPTokenizer.from_folder(tokenizer_folder("tokenizer_2")))
+        sd = cls(
+            tokenizer=CLIPTokenizer.from_folder(tokenizer_folder("tokenizer")),
+            text_encoder=text_encoder,
+            unet=load("unet", UNet2DConditionModel, unet_config, dtype),
+            vae=load("vae", AutoencoderKL, vae_config, vae_dtype),
             schedule=schedule,
-            defaults=read_defaults(path / "sdlite.json"),
+            defaults=defaults,
             path=path,
+            force_zeros_for_empty_prompt=configs["model_index"].get("force_zeros_for_empty_prompt", False),
+            **second,
         )
+        for lora in loras:
+            lora_path, weight = (lora, 1.0) if isinstance(lora, (str, Path)) else lora
+            sd.load_lora(lora_path, weight)
+        return sd
+
+    # -- LoRA -----------------------------------------------------------------------------------
+
+    def load_lora(self, path: str | Path, weight: float = 1.0, allow_pickle: bool = False) -> int:
+        """Merge a LoRA file (kohya / web UI or diffusers / PEFT format) into the UNet and text
+        encoder(s), scaled by `weight`; returns the number of layers changed. A LoRA that does not
+        fit raises CheckpointError naming the layer and changes nothing. See sdlite.lora."""
+        from .lora import merge_lora
+
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"LoRA weight must be a finite number, got {weight!r}")
+        return merge_lora(self, path, weight, allow_pickle)
+
+    def unload_loras(self) -> None:
+        """Restore the weights from before the first `load_lora`, bit for bit."""
+        from .lora import unload_loras
+
+        unload_loras(self)
 
     # -- text ---------------------------------------------------------------------------------
 

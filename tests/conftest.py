@@ -32,3 +32,27 @@ def reference_model(tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """A function kind ("sd1", "sd2", "sdxl") -> (diffusers folder, single-file .safetensors) of a
+    tiny model that follows its family's rules (see reference_models.build_family_model), cached.
+    The single file is written by sdlite's converter; the tests check it against diffusers'
+    from_single_file, so the converter is not its own judge."""
+    pytest.importorskip("diffusers")
+    from reference_models import build_family_model
+
+    from sdlite.single_file import save_single_file
+
+    built = {}
+
+    def get(kind: str) -> tuple[Path, Path]:
+        if kind not in built:
+            root = tmp_path_factory.mktemp(f"family-{kind}")
+            folder = build_family_model(root / kind, kind)
+            save_single_file(folder, root / f"{kind}.safetensors")
+            built[kind] = (folder, root / f"{kind}.safetensors")
+        return built[kind]
+
+    return get

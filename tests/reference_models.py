@@ -139,3 +139,80 @@ def load_reference_pipeline(path: Path, img2img: bool = False):
     pipe = cls.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# -- tiny models that follow each family's rules, for single-file checkpoints -------------------
+# A single file has no configs: sdlite reads the shapes and applies the family's rules for what
+# shapes cannot tell (SD 1.x: 8 heads per UNet block; SD 2.x / SDXL: 64-wide heads; CLIP: 64-wide
+# heads; 32 GroupNorm groups), so these models keep to them. "sdxl" has a 64-wide first and a
+# 128-wide second text encoder (projection 64), so the UNet's context is 192 wide. "sdxl" is also the tiny SDXL model of
+# the SDXL pipeline parity tests.
+FAMILY_REFERENCE = {"sd1": "sd-1.5", "sd2": "sd-2.1-base", "sdxl": "sdxl-base-1.0"}
+FAMILY_UNET = {
+    "sd1": dict(block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=8,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=64),
+    "sd2": dict(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=(1, 2),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=64, use_linear_projection=True),
+    "sdxl": dict(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=(1, 2),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2), cross_attention_dim=64 + 128, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=64 + 6 * 8),
+}
+
+
+def family_text_config(hidden_act: str, **overrides):
+    from transformers import CLIPTextConfig
+
+    settings = dict(hidden_size=64, intermediate_size=128, num_attention_heads=1, num_hidden_layers=2,
+                    projection_dim=64, max_position_embeddings=77, vocab_size=49408, bos_token_id=49406,
+                    eos_token_id=49407, pad_token_id=1, hidden_act=hidden_act)
+    return CLIPTextConfig(**(settings | overrides))
+
+
+def build_family_model(path: Path, kind: str, seed: int = 0) -> Path:
+    """Write a tiny `kind` ("sd1", "sd2", "sdxl") model that follows its family's rules to `path`
+    in the diffusers layout (scheduler: the family's reference config) and return the path."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    reference = CLIP_VOCAB.parent / "configs" / FAMILY_REFERENCE[kind]
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(sample_size=8, norm_num_groups=32, **FAMILY_UNET[kind])
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32, layers_per_block=1,
+        sample_size=64, scaling_factor=0.13025 if kind == "sdxl" else 0.18215,
+    )
+    components = dict(unet=unet, vae=vae)
+    if kind == "sdxl":
+        components["text_encoder"] = CLIPTextModel(family_text_config("quick_gelu"))
+        # Wider than the first encoder: diffusers' from_single_file tells the two apart by width.
+        components["text_encoder_2"] = CLIPTextModelWithProjection(
+            family_text_config("gelu", hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                               num_hidden_layers=3))
+    else:
+        components["text_encoder"] = CLIPTextModel(family_text_config("quick_gelu" if kind == "sd1" else "gelu"))
+    with torch.no_grad():
+        for module in components.values():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    scheduler_config = json.loads((reference / "scheduler" / "scheduler_config.json").read_text())
+    components["scheduler"] = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    write_tokenizer(path / "tokenizer", "<|endoftext|>" if kind != "sd2" else "!")
+    components["tokenizer"] = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    if kind == "sdxl":
+        write_tokenizer(path / "tokenizer_2", "!")
+        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(path / "tokenizer_2")
+        pipe = diffusers.StableDiffusionXLPipeline(**components)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False, **components)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

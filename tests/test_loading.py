@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sdlite import StableDiffusion
+from sdlite.keys import canonical_state
 from sdlite.loading import (
     CheckpointError,
-    canonical_state,
     find_weight_files,
     load_component,
     load_network,

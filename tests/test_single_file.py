@@ -1,0 +1,177 @@
+"""Single-file checkpoints: architecture detection, loading, `convert` and clear errors.
+
+The tiny models follow their family's rules (reference_models.build_family_model) and are written
+in the original layout by sdlite's converter; diffusers' own `from_single_file` reading the same
+file must give the folder's tensors bit for bit, so the converter is checked independently.
+"""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdlite import StableDiffusion
+from sdlite import keys
+from sdlite.loading import CheckpointError, find_weight_files, read_weights
+from sdlite.single_file import read_single_file, save_diffusers_folder, save_single_file
+
+diffusers = pytest.importorskip("diffusers")
+
+KINDS = ["sd1", "sd2", "sdxl"]
+PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+COMPONENTS = {"sd1": ("unet", "vae", "text_encoder"), "sd2": ("unet", "vae", "text_encoder"),
+              "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2")}
+
+
+def folder_tensors(folder, component):
+    state = {}
+    for path in find_weight_files(folder / component):
+        state.update(read_weights(path))
+    return keys.canonical_state(state, "CLIPTextModel" if component.startswith("text") else component)
+
+
+def max_pixel_diff(ours, theirs) -> int:
+    a = np.stack([np.asarray(im, dtype=np.int16) for im in ours])
+    b = np.stack([np.asarray(im, dtype=np.int16) for im in theirs])
+    return int(np.abs(a - b).max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_diffusers_reads_our_single_file_as_the_folder(family_model, kind):
+    folder, single = family_model(kind)
+    cls = getattr(diffusers, PIPELINES[kind])
+    theirs = cls.from_single_file(str(single), config=str(folder), local_files_only=True)
+    reference = cls.from_pretrained(folder)
+    for component in COMPONENTS[kind]:
+        a, b = getattr(theirs, component).state_dict(), getattr(reference, component).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in b), component
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_single_file_detection_and_weights(family_model, kind):
+    folder, single = family_model(kind)
+    model = read_single_file(single)
+    assert model.family == kind
+    for component in COMPONENTS[kind]:
+        expected = folder_tensors(folder, component)
+        got = model.weights[component]
+        assert got.keys() == expected.keys(), component
+        assert all(torch.equal(got[k], expected[k]) for k in expected), component
+    unet = model.configs["unet"]
+    reference_unet = diffusers.UNet2DConditionModel.load_config(folder / "unet")
+    for field in ("block_out_channels", "down_block_types", "up_block_types", "cross_attention_dim",
+                  "use_linear_projection", "attention_head_dim", "addition_time_embed_dim"):
+        assert np.array_equal(np.atleast_1d(unet.get(field)), np.atleast_1d(reference_unet.get(field))), field
+    assert model.configs["scheduler"]["prediction_type"] == "epsilon"
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_single_file_images_match_folder_and_diffusers(family_model, kind):
+    folder, single = family_model(kind)
+    ours = StableDiffusion.from_pretrained(single)
+    assert ours.name == kind
+    args = dict(negative_prompt="blurry", n_images=2, steps=4, cfg=7.5, seed=3, sampler="euler_a",
+                height=64, width=64)
+    from_file = ours.text_to_image("a red circle", **args)
+    from_folder = StableDiffusion.from_pretrained(folder).text_to_image("a red circle", **args)
+    # The weights are bit-identical; memory-mapped tensors sit at other alignments in the two
+    # files, which can change a float rounding (UNet outputs agree to ~1e-6).
+    assert max_pixel_diff(from_file, from_folder) <= 1
+    reference = diffusers.StableDiffusionPipeline.from_single_file(str(single), config=str(folder),
+                                                                    local_files_only=True)
+    reference.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference("a red circle", negative_prompt="blurry", num_images_per_prompt=2, num_inference_steps=4,
+                       guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(3), height=64,
+                       width=64).images
+    assert max_pixel_diff(from_file, theirs) <= 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_convert_round_trips_exactly(family_model, kind, tmp_path):
+    folder, single = family_model(kind)
+    assert save_diffusers_folder(single, tmp_path / "folder") == kind
+    assert save_single_file(tmp_path / "folder", tmp_path / "again.safetensors") == kind
+    for component in COMPONENTS[kind]:  # folder -> file -> folder: the same tensors
+        a, b = folder_tensors(folder, component), folder_tensors(tmp_path / "folder", component)
+        assert a.keys() == b.keys()
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), component
+    first, second = load_file(single), load_file(tmp_path / "again.safetensors")  # file -> folder -> file
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    # and the converted folder is a model sdlite loads
+    StableDiffusion.from_pretrained(tmp_path / "folder")
+
+
+def test_sd2_keeps_23_of_24_openclip_layers(family_model):
+    folder, single = family_model("sd2")
+    state = load_file(single)
+    layers = {k.split(".")[4] for k in state if k.startswith("cond_stage_model.model.transformer.resblocks.")}
+    assert len(layers) == 3  # the folder's 2 layers + the identity layer SD 2.x files carry
+    assert read_single_file(single).configs["text_encoder"]["num_hidden_layers"] == 2
+
+
+def test_key_tables_work_in_both_directions(family_model):
+    folder, _ = family_model("sd1")
+    config = read_single_file(family_model("sd1")[1])
+    from sdlite.config import UNetConfig
+
+    unet = UNetConfig.from_json(config.configs["unet"])
+    table = keys.unet_table(unet)
+    for diffusers_name, original in [
+        ("down_blocks.1.resnets.0.conv1.weight", "input_blocks.4.0.in_layers.2.weight"),
+        ("down_blocks.0.downsamplers.0.conv.bias", "input_blocks.3.0.op.bias"),
+        ("up_blocks.1.attentions.2.proj_out.weight", "output_blocks.5.1.proj_out.weight"),
+        ("up_blocks.0.upsamplers.0.conv.weight", "output_blocks.2.1.conv.weight"),
+        ("up_blocks.1.upsamplers.0.conv.weight", "output_blocks.5.2.conv.weight"),
+        ("mid_block.resnets.1.time_emb_proj.bias", "middle_block.2.emb_layers.1.bias"),
+    ]:
+        assert keys.rename(diffusers_name, table, to_original=True) == original
+        assert keys.rename(original, table, to_original=False) == diffusers_name
+
+
+def test_prediction_type_marker_and_override(family_model, tmp_path):
+    _, single = family_model("sd2")
+    state = load_file(single)
+    assert read_single_file(single, prediction_type="v_prediction").configs["scheduler"]["prediction_type"] == "v_prediction"
+    save_file(state | {"v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, tmp_path / "v.safetensors")
+    model = read_single_file(tmp_path / "v.safetensors")
+    assert model.reference == "sd-2.1-768-v"
+    assert model.configs["scheduler"]["prediction_type"] == "v_prediction"
+    assert model.configs["scheduler"]["rescale_betas_zero_snr"] is True
+    sd = StableDiffusion.from_pretrained(single, prediction_type="v_prediction")
+    assert sd.schedule.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        read_single_file(single, prediction_type="sample")
+
+
+def test_not_a_checkpoint_says_which_keys_were_expected(tmp_path):
+    save_file({"encoder.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match=r"not a Stable Diffusion checkpoint: expected keys model\.diffusion_model"):
+        StableDiffusion.from_pretrained(tmp_path / "other.safetensors")
+
+
+def test_unknown_architecture(family_model, tmp_path):
+    _, single = family_model("sd1")
+    state = {k: v for k, v in load_file(single).items() if not k.startswith("cond_stage_model.")}
+    save_file(state, tmp_path / "no_text.safetensors")
+    with pytest.raises(CheckpointError, match="unknown architecture"):
+        read_single_file(tmp_path / "no_text.safetensors")
+    # SD 1.x text encoder keys on an SD 2.x-shaped UNet (linear projections): the shapes disagree
+    sd2 = load_file(family_model("sd2")[1])
+    mixed = {k: v for k, v in sd2.items() if not k.startswith("cond_stage_model.")}
+    mixed |= {k: v for k, v in load_file(single).items() if k.startswith("cond_stage_model.")}
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    with pytest.raises(CheckpointError, match="unknown architecture.*does not fit"):
+        read_single_file(tmp_path / "mixed.safetensors")
+
+
+def test_pickle_needs_the_opt_in(family_model, tmp_path):
+    _, single = family_model("sd1")
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(single)}, path)
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        StableDiffusion.from_pretrained(path)
+    sd = StableDiffusion.from_pretrained(path, allow_pickle=True)
+    assert sd.unet.config.block_out_channels == (32, 64, 64)
