@@ -93,7 +93,7 @@ def test_generate_in_the_browser(browser, url):
     }""", base64.b64encode(buffer.getvalue()).decode())
     page.wait_for_selector("#source:not([hidden])")
     page.fill("#steps", "10")
-    page.click("#generate")
+    page.press("#prompt", "Control+Enter")  # the keyboard shortcut of Generate
     page.wait_for_function("document.querySelectorAll('#gallery .result').length === 2", timeout=60_000)
     assert "Denoising strength: 0.75" in page.inner_text("#gallery .result pre")
     page.screenshot(path=str(artifacts / "web-ui-img2img.png"))
