@@ -20,6 +20,7 @@ from PIL import Image
 from .clip import CLIPTextModel
 from .config import CLIPConfig, UNetConfig, VAEConfig
 from .loading import load_component, load_network, read_json
+from .memory import OnDemand, decode_tiled, keep_at_rest, network_device, network_dtype, using
 from .samplers import SAMPLERS, default_sampler, make_plan
 from .schedules import ScheduleConfig
 from .tokenizer import CLIPTokenizer
@@ -42,7 +43,7 @@ class Defaults:
 
 
 class StableDiffusion:
-    """A loaded Stable Diffusion model (SD 1.x / 2.x / SDXL) and the ways to generate images with it."""
+    """A loaded Stable Diffusion model (SD 1.x / 2.x) and the ways to generate images with it."""
 
     def __init__(self, tokenizer, text_encoder, unet, vae, schedule: ScheduleConfig, defaults: Defaults, path: Path,
                  tokenizer_2=None, text_encoder_2=None, force_zeros_for_empty_prompt: bool = False):
@@ -64,18 +65,20 @@ class StableDiffusion:
         factor = vae.config.downscale_factor
         self.default_size = (unet.config.sample_size * factor, unet.config.sample_size * factor)
         self.sampler_names = tuple(SAMPLERS)
+        self.vae_tile_size = None  # decode in tiles of this many latents (None: whole); low_memory sets 32
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return network_device(self.unet)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        """The dtype the UNet computes in (weights may be kept in another, see `compute_dtype`)."""
+        return network_dtype(self.unet)
 
     @property
     def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        return network_dtype(self.vae)
 
     @classmethod
     def from_pretrained(
@@ -86,13 +89,22 @@ class StableDiffusion:
         allow_pickle: bool = False,
         prediction_type: str | None = None,
         loras: list | tuple = (),
+        compute_dtype: torch.dtype | None = None,
+        low_memory: bool = False,
+        palettized_mode: str = "jit",
     ) -> "StableDiffusion":
         """Load a diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
         scheduler/) or a single-file checkpoint (.safetensors, or .ckpt with `allow_pickle`); with
         no path, the model bundled with sdlite. `allow_pickle` permits pickle weights, which can run
         code when read: use it only for files you trust. `prediction_type` ("epsilon" or
         "v_prediction") overrides the checkpoint's (single files: see sdlite.single_file for the
-        default). `loras` is a list of (path, weight) merged after loading (see `load_lora`)."""
+        default). `loras` is a list of (path, weight) merged after loading (see `load_lora`).
+
+        Memory: weights are kept in `dtype` and computed in `compute_dtype` (default `dtype`), layer
+        by layer, e.g. dtype=torch.float16, compute_dtype=torch.float32 halves the RAM of fp32 on
+        the CPU. `low_memory` loads the text encoder only to encode and the VAE only to decode (in
+        tiles of `vae_tile_size` latents). Palettized folders (`sdlite compress`) rebuild each
+        weight just before use (`palettized_mode="jit"`) or unpack them all at load ("fast")."""
         path = BUNDLED_MODEL if path is None else Path(path)
         if not path.exists():
             raise FileNotFoundError(f"model folder not found: {path} (nor a single-file checkpoint of that name)")
@@ -104,10 +116,11 @@ class StableDiffusion:
             tokenizer_folder = checkpoint.folder
             defaults = Defaults(name=path.stem)
 
-            def load(component, network_class, config, dtype):
+            def load(component, network_class, config, dtype, compute):
                 with torch.device("meta"):
                     network = network_class(config)
-                return load_network(network, checkpoint.weights[component], f"{path} ({component})", dtype, device)
+                network = load_network(network, checkpoint.weights[component], f"{path} ({component})", dtype, device)
+                return keep_at_rest(network, compute) if compute != dtype else network
         else:
             if not (path / "model_index.json").is_file():
                 raise FileNotFoundError(f"{path} is not a diffusers-layout model folder (no model_index.json)")
@@ -122,26 +135,37 @@ class StableDiffusion:
             tokenizer_folder = path.joinpath
             defaults = read_defaults(path / "sdlite.json")
 
-            def load(component, network_class, config, dtype):
+            def load(component, network_class, config, dtype, compute):
                 return load_component(network_class, config, path / component, dtype, device=device,
-                                      allow_pickle=allow_pickle)
+                                      allow_pickle=allow_pickle, compute_dtype=compute,
+                                      palettized_mode=palettized_mode)
 
         unet_config = UNetConfig.from_json(configs["unet"])
         vae_config = VAEConfig.from_json(configs["vae"])
         schedule = ScheduleConfig.from_json(configs["scheduler"])
-        # A VAE flagged force_upcast overflows in half precision (black images): keep it in fp32.
-        vae_dtype = torch.float32 if vae_config.force_upcast and dtype == torch.float16 else dtype
-        text_encoder = load("text_encoder", CLIPTextModel, CLIPConfig.from_json(configs["text_encoder"]), dtype)
+        compute_dtype = dtype if compute_dtype is None else compute_dtype
+        # A VAE flagged force_upcast overflows in half precision (black images): compute it in fp32.
+        vae_compute = torch.float32 if vae_config.force_upcast and compute_dtype == torch.float16 else compute_dtype
+        vae_dtype = vae_compute if dtype == compute_dtype else dtype
+
+        def held(component, network_class, config, dtype, compute, on_demand=False):
+            """The network, or with `on_demand` (low_memory) a loader called at each use."""
+            if on_demand:
+                return OnDemand(lambda: load(component, network_class, config, dtype, compute), config, compute, device)
+            return load(component, network_class, config, dtype, compute)
+
+        text_config = CLIPConfig.from_json(configs["text_encoder"])
+        text_encoder = held("text_encoder", CLIPTextModel, text_config, dtype, compute_dtype, low_memory)
         second = {}
         if "text_encoder_2" in configs:
             config_2 = CLIPConfig.from_json(configs["text_encoder_2"], with_projection=True)
-            second = dict(text_encoder_2=load("text_encoder_2", CLIPTextModel, config_2, dtype),
+            second = dict(text_encoder_2=held("text_encoder_2", CLIPTextModel, config_2, dtype, compute_dtype, low_memory),
                           tokenizer_2=CLIPTokenizer.from_folder(tokenizer_folder("tokenizer_2")))
         sd = cls(
             tokenizer=CLIPTokenizer.from_folder(tokenizer_folder("tokenizer")),
             text_encoder=text_encoder,
-            unet=load("unet", UNet2DConditionModel, unet_config, dtype),
-            vae=load("vae", AutoencoderKL, vae_config, vae_dtype),
+            unet=held("unet", UNet2DConditionModel, unet_config, dtype, compute_dtype),
+            vae=held("vae", AutoencoderKL, vae_config, vae_dtype, vae_compute, low_memory),
             schedule=schedule,
             defaults=defaults,
             path=path,
@@ -151,6 +175,8 @@ class StableDiffusion:
         for lora in loras:
             lora_path, weight = (lora, 1.0) if isinstance(lora, (str, Path)) else lora
             sd.load_lora(lora_path, weight)
+        if low_memory:
+            sd.vae_tile_size = 32
         return sd
 
     # -- LoRA -----------------------------------------------------------------------------------
@@ -181,45 +207,9 @@ class StableDiffusion:
                 raise ValueError(f"{name} must be a string, got {type(text).__name__}")
         prompts = [negative_prompt, prompt] if guided else [prompt]
         ids = torch.tensor(self.tokenizer(prompts), device=self.device)
-        states = self.text_encoder(ids).last_hidden_state  # (1 or 2, T, D)
+        with using(self.text_encoder) as text_encoder:
+            states = text_encoder(ids).last_hidden_state  # (1 or 2, T, D)
         return states.repeat_interleave(n_images, dim=0)
-
-    def _encode(self, encoder, tokenizer, prompts: list[str]):
-        """CLIPOutput of `encoder` for `prompts`."""
-        ids = torch.tensor(tokenizer(prompts), device=self.device)
-        return encoder(ids)
-
-    @torch.inference_mode()
-    def encode_prompt_sdxl(self, prompt: str, negative_prompt: str, n_images: int, guided: bool,
-                           size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
-        """SDXL conditioning, as diffusers' StableDiffusionXLPipeline: the penultimate hidden states
-        of both text encoders concatenated (2N, T, D1 + D2), and added_cond = the second encoder's
-        projected pooled output (2N, P) with the micro-conditioning time ids (2N, 6) = original
-        size, crop top-left (0, 0), target size, all (height, width) of the image. With
-        `force_zeros_for_empty_prompt`, an empty negative prompt is all-zero conditioning
-        (diffusers' behaviour when no negative prompt is given)."""
-        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if not isinstance(text, str):
-                raise ValueError(f"{name} must be a string, got {type(text).__name__}")
-        zero_negative = guided and negative_prompt == "" and self.force_zeros_for_empty_prompt
-        prompts = [negative_prompt, prompt] if guided and not zero_negative else [prompt]
-        first = self._encode(self.text_encoder, self.tokenizer, prompts)
-        second = self._encode(self.text_encoder_2, self.tokenizer_2, prompts)
-        states = torch.cat([first.penultimate_hidden_state, second.penultimate_hidden_state], dim=-1)
-        pooled = second.text_embeds  # (1 or 2, P)
-        if zero_negative:
-            states = torch.cat([torch.zeros_like(states), states])
-            pooled = torch.cat([torch.zeros_like(pooled), pooled])
-        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=states.dtype, device=self.device)
-        added = {"text_embeds": pooled.repeat_interleave(n_images, dim=0),
-                 "time_ids": time_ids.repeat(len(states) * n_images, 1)}
-        return states.repeat_interleave(n_images, dim=0), added
-
-    def _conditioning(self, prompt, negative_prompt, n_images, guided, size):
-        """(text states, UNet added_cond or None) for a batch."""
-        if self.text_encoder_2 is None:
-            return self.encode_prompt(prompt, negative_prompt, n_images, guided), None
-        return self.encode_prompt_sdxl(prompt, negative_prompt, n_images, guided, size)
 
     # -- denoising ----------------------------------------------------------------------------
 
@@ -243,28 +233,27 @@ class StableDiffusion:
                 raise ValueError(f"{name} must be a positive multiple of 8 (at least {factor}), got {value!r}")
         return height // factor, width // factor
 
-    def _denoise(self, x, plan, conditioning, cfg, generator) -> Iterator[tuple[int, torch.Tensor]]:
+    def _denoise(self, x, plan, context, cfg, generator) -> Iterator[tuple[int, torch.Tensor]]:
         guided = cfg > 1
-        context, added = conditioning
 
         def model(x_in: torch.Tensor, t) -> torch.Tensor:
             if not guided:
-                return self.unet(x_in, t, context, added)
-            uncond, cond = self.unet(torch.cat([x_in, x_in]), t, context, added).chunk(2)
+                return self.unet(x_in, t, context)
+            uncond, cond = self.unet(torch.cat([x_in, x_in]), t, context).chunk(2)
             return uncond + cfg * (cond - uncond)
 
         with torch.inference_mode():
             for i, x in enumerate(plan.sample(model, x, generator=generator)):
                 yield i, plan.to_latents(x, i)
 
-    def _setup(self, prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength, size):
+    def _setup(self, prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength):
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
             raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
         cfg = self.default_cfg if cfg is None else cfg
         if not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
             raise ValueError(f"cfg must be a finite number, got {cfg!r}")
         plan = self._plan(sampler, steps, strength)
-        context = self._conditioning(prompt, negative_prompt, n_images, cfg > 1, size)
+        context = self.encode_prompt(prompt, negative_prompt, n_images, guided=cfg > 1)
         seed = random.randrange(2**32) if seed is None else seed
         generator = torch.Generator("cpu").manual_seed(seed)
         return plan, context, cfg, generator
@@ -290,9 +279,7 @@ class StableDiffusion:
         cfg <= 1 turns classifier-free guidance off (one UNet pass per step), as in diffusers.
         """
         latent_h, latent_w = self._latent_size(height, width)
-        factor = self.vae.config.downscale_factor
-        plan, context, cfg, generator = self._setup(prompt, negative_prompt, n_images, steps, cfg, seed, sampler, 1.0,
-                                                    (latent_h * factor, latent_w * factor))
+        plan, context, cfg, generator = self._setup(prompt, negative_prompt, n_images, steps, cfg, seed, sampler, 1.0)
         channels = self.unet.config.in_channels
         x = self._noise((n_images, channels, latent_h, latent_w), generator) * plan.init_noise_sigma
         yield from self._denoise(x, plan, context, cfg, generator)
@@ -321,10 +308,11 @@ class StableDiffusion:
             raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
         pixels = image_to_tensor(self.fit_image(image, height, width)).to(self.device)
         plan, context, cfg, generator = self._setup(
-            prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength, tuple(pixels.shape[-2:])
+            prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength
         )
         with torch.inference_mode():
-            posterior = self.vae.encode(pixels.to(self.vae_dtype))
+            with using(self.vae) as vae:
+                posterior = vae.encode(pixels.to(self.vae_dtype))
             x0 = posterior.sample(generator).to(self.dtype) * self.vae.config.scaling_factor
         x0 = x0.repeat(n_images, 1, 1, 1)
         noise = self._noise(x0.shape, generator)
@@ -361,10 +349,12 @@ class StableDiffusion:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         batch_size = batch_size or len(latents)
         images = []
-        for chunk in latents.split(batch_size):
-            pixels = self.vae.decode(chunk.to(self.vae_dtype) / self.vae.config.scaling_factor)
-            pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-            images += [Image.fromarray(a) for a in (pixels * 255).round().astype(np.uint8)]
+        with using(self.vae) as vae:
+            for chunk in latents.split(batch_size):
+                z = chunk.to(self.vae_dtype) / self.vae.config.scaling_factor
+                pixels = vae.decode(z) if self.vae_tile_size is None else decode_tiled(vae, z, self.vae_tile_size)
+                pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+                images += [Image.fromarray(a) for a in (pixels * 255).round().astype(np.uint8)]
         return images
 
     def text_to_image(self, prompt: str, *, decode_batch_size: int | None = None, **kwargs) -> list[Image.Image]:

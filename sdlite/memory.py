@@ -1,0 +1,138 @@
+"""Running in less memory: weights kept compact at rest, networks loaded only while used, and
+VAE decoding in tiles.
+
+- `keep_at_rest(network, compute_dtype, packed)`: the network's weights stay in their storage form
+  (fp16/bf16 tensors, or `PalettizedTensor`s) and each module gets its weights in `compute_dtype`
+  just before its forward runs; they are dropped right after. So an fp16-at-rest model needs half
+  the RAM of fp32 and a palettized one about its packed size, while the math stays fp32.
+- `OnDemand`: a text encoder or VAE loaded from disk for one use and freed after (low-memory mode).
+- `decode_tiled`: VAE decoding of overlapping latent tiles blended linearly, as diffusers'
+  `AutoencoderKL.tiled_decode`, so the decoder's activations scale with the tile, not the image.
+"""
+
+import gc
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class WeightsAtRest:
+    """Forward hooks of one module: the stored tensors of it (or of its embedding children),
+    materialised in `dtype` for the length of each call."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.stored = []  # (owner module, parameter name, tensor or PalettizedTensor)
+
+    def before(self, module: nn.Module, args) -> None:
+        for owner, name, value in self.stored:
+            weight = value.to(self.dtype) if isinstance(value, torch.Tensor) else value.unpack(self.dtype)
+            setattr(owner, name, weight)
+
+    def after(self, module: nn.Module, args, output) -> None:
+        for owner, name, _ in self.stored:
+            setattr(owner, name, None)
+
+
+def keep_at_rest(network: nn.Module, compute_dtype: torch.dtype, packed: dict | None = None) -> nn.Module:
+    """Keep `network`'s floating-point parameters not in `compute_dtype`, and the `packed`
+    (key -> PalettizedTensor) weights, out of the parameters: each module materialises its own in
+    `compute_dtype` for the length of its forward call. Embeddings are materialised for their
+    parent's call instead, since parents read them directly (CLIP's `position_embedding.weight`)."""
+    by_module: dict[str, dict] = {}
+    for key, value in (packed or {}).items():
+        module_name, _, name = key.rpartition(".")
+        by_module.setdefault(module_name, {})[name] = value
+    modules = dict(network.named_modules())
+    hosts: dict[str, WeightsAtRest] = {}
+    device = None
+    for module_name, module in modules.items():
+        stored = by_module.get(module_name, {})
+        for name, p in list(module.named_parameters(recurse=False)):
+            device = p.device
+            if p.is_floating_point() and p.dtype != compute_dtype:
+                stored[name] = p.data
+                del module._parameters[name]
+        host = module_name.rpartition(".")[0] if isinstance(module, nn.Embedding) and module_name else module_name
+        for name, value in stored.items():
+            device = value.device if isinstance(value, torch.Tensor) else value.indices.device
+            setattr(module, name, None)
+            hosts.setdefault(host, WeightsAtRest(compute_dtype)).stored.append((module, name, value))
+    for host, hooks in hosts.items():
+        modules[host].register_forward_pre_hook(hooks.before)
+        modules[host].register_forward_hook(hooks.after)
+    network.compute_dtype, network.compute_device = compute_dtype, device
+    return network
+
+
+def network_device(network) -> torch.device:
+    """The device a network computes on: set by `keep_at_rest` / `OnDemand`, else its parameters'."""
+    device = getattr(network, "compute_device", None)
+    return torch.device(device) if device is not None else next(network.parameters()).device
+
+
+def network_dtype(network) -> torch.dtype:
+    """The dtype a network computes in: set by `keep_at_rest` / `OnDemand`, else its parameters'."""
+    dtype = getattr(network, "compute_dtype", None)
+    return dtype if dtype is not None else next(network.parameters()).dtype
+
+
+class OnDemand:
+    """A network that is loaded (by `load()`) for each use and freed after: `with using(x) as net`."""
+
+    def __init__(self, load: Callable[[], nn.Module], config, compute_dtype: torch.dtype, device="cpu"):
+        self.load, self.config, self.compute_dtype, self.compute_device = load, config, compute_dtype, device
+
+
+@contextmanager
+def using(network):
+    """The network itself, or an `OnDemand` network loaded for the block and freed at its end."""
+    if not isinstance(network, OnDemand):
+        yield network
+        return
+    loaded = network.load()
+    try:
+        yield loaded
+    finally:
+        del loaded
+        gc.collect()  # free the weights (and unmap their files) now, before the next stage
+
+
+def decode_tiled(vae: nn.Module, z: torch.Tensor, tile: int = 32, overlap: int = 8) -> torch.Tensor:
+    """Decode latents z (B, C, h, w) in overlapping `tile` x `tile` latent tiles.
+
+    Tiles start every `tile - overlap` latents; neighbouring tiles' outputs are blended linearly
+    across the overlap (diffusers' `blend_v` / `blend_h`). Images that fit one tile decode whole,
+    exactly as `vae.decode`. The decoder's mid-block attention sees one tile at a time, so large
+    images differ slightly from a whole decode (as with diffusers' tiled decoding).
+    """
+    B, _, h, w = z.shape
+    if h <= tile and w <= tile:
+        return vae.decode(z)
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
+    stride = tile - overlap
+    f = vae.config.downscale_factor
+    out, weight = None, torch.zeros(1, 1, h * f, w * f, dtype=z.dtype)
+    ramp = torch.linspace(0, 1, overlap * f + 2, dtype=z.dtype)[1:-1]  # (overlap*f,) strictly inside (0, 1)
+    for top in range(0, max(h - overlap, 1), stride):
+        for left in range(0, max(w - overlap, 1), stride):
+            bottom, right = min(top + tile, h), min(left + tile, w)
+            pixels = vae.decode(z[:, :, top:bottom, left:right])  # (B, 3, th*f, tw*f)
+            if out is None:
+                out = torch.zeros(B, pixels.shape[1], h * f, w * f, dtype=pixels.dtype)
+            mask = torch.ones(1, 1, *pixels.shape[2:], dtype=pixels.dtype)
+            n = overlap * f
+            if top > 0 and n:
+                mask[:, :, :n] *= ramp[:, None]
+            if bottom < h and n:
+                mask[:, :, -n:] *= ramp.flip(0)[:, None]
+            if left > 0 and n:
+                mask[:, :, :, :n] *= ramp
+            if right < w and n:
+                mask[:, :, :, -n:] *= ramp.flip(0)
+            out[:, :, top * f:bottom * f, left * f:right * f] += pixels * mask
+            weight[:, :, top * f:bottom * f, left * f:right * f] += mask
+    return out / weight

@@ -1,0 +1,214 @@
+"""Palettization (k-means LUT + packed indices), weights at rest and low-memory generation, on a
+tiny SD2-like model. The tiny model's tensors are small, so `min_elements` is lowered to make the
+compressor palettize most of them."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sdlite import StableDiffusion
+from sdlite.loading import CheckpointError
+from sdlite.memory import decode_tiled
+from sdlite.palettize import (BITS, PalettizedTensor, compress, kmeans_1d, pack_bits, palettize, unpack_bits)
+
+MIN_ELEMENTS = 1000
+SETTINGS = dict(steps=3, seed=0, cfg=5.0)
+PROMPT = "a red circle on a blue background"
+
+
+def pixels(sd, **kwargs) -> np.ndarray:
+    return np.asarray(sd.text_to_image(PROMPT, **{**SETTINGS, **kwargs})[0]).astype(np.float64)
+
+
+def image_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = ((a - b) ** 2).mean()
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def source(reference_model):
+    return reference_model("sd2", "epsilon")
+
+
+@pytest.fixture(scope="module")
+def reference_pixels(source):
+    return pixels(StableDiffusion.from_pretrained(source))
+
+
+@pytest.fixture(scope="module")
+def palettized(source, tmp_path_factory):
+    """bits -> folder of the tiny model palettized at that width (built on first use)."""
+    built = {}
+
+    def get(bits: int):
+        if bits not in built:
+            out = tmp_path_factory.mktemp(f"palettized{bits}") / "model"
+            compress(source, out, bits=bits, min_elements=MIN_ELEMENTS, log=None)
+            built[bits] = out
+        return built[bits]
+
+    return get
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_packing_round_trips(bits):
+    index = torch.randint(0, 2**bits, (1003,), dtype=torch.uint8)
+    packed = pack_bits(index, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == (1003 if bits == 8 else math.ceil(1003 / 8) * bits)
+    assert torch.equal(unpack_bits(packed, bits, 1003), index)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_lut_reconstructs_within_the_error_of_its_bit_width(bits):
+    """k-means of a Gaussian: the relative RMS error of an optimal 2**bits-level quantiser is about
+    sqrt(2.72) * 2**-bits (Panter-Dite; 0.60 at 1 bit, 0.12 at 4 bits); allow 15% above it."""
+    torch.manual_seed(0)
+    w = torch.randn(1024, 1024)  # enough values for 256 levels to reach their asymptotic error
+    p = palettize(w, bits)
+    assert p.lut.shape == (1, 2**bits) and p.indices.numel() == w.numel() * bits // 8
+    error = ((p.unpack() - w).pow(2).mean().sqrt() / w.std()).item()
+    bound = {1: 0.61, 2: 0.34}.get(bits, math.sqrt(2.72) * 2.0**-bits)
+    assert error < 1.15 * bound, (bits, error)
+    assert p.unpack().unique().numel() <= 2**bits
+
+
+def test_per_group_luts_and_fast_path_agree_with_plain_lookup():
+    torch.manual_seed(1)
+    w = torch.randn(64, 40) * torch.linspace(0.1, 3, 64)[:, None]  # channels of very different scales
+    whole, grouped = palettize(w, 4), palettize(w, 4, group_size=8)
+    assert grouped.lut.shape == (8, 16)
+    assert (grouped.unpack() - w).pow(2).mean() < (whole.unpack() - w).pow(2).mean()
+    for bits in BITS:  # the table path (one group) and the generic path (groups) give the same values
+        p = palettize(w, bits)
+        twice = PalettizedTensor(p.lut.repeat(2, 1), p.indices, p.shape, bits)
+        assert torch.equal(p.unpack(), twice.unpack())
+
+
+def test_kmeans_finds_separated_clusters():
+    values = torch.cat([torch.full((1000,), -2.0), torch.full((500,), 0.5), torch.full((10,), 7.0)])
+    assert torch.allclose(kmeans_1d(values, 3), torch.tensor([-2.0, 0.5, 7.0]), atol=1e-3)
+
+
+def test_palettize_load_generate_round_trip(source, palettized, reference_pixels):
+    out = palettized(8)
+    recipe = json.loads((out / "unet" / "palettization.json").read_text())
+    assert recipe["format"] == "sdlite-palettized" and recipe["tensors"]
+    assert (out / "tokenizer").is_dir() and (out / "scheduler" / "scheduler_config.json").is_file()
+    sd = StableDiffusion.from_pretrained(out)
+    assert image_psnr(pixels(sd), reference_pixels) > 30  # 8 bits: close to the fp32 image
+    assert sd.dtype == torch.float32
+
+
+def test_jit_and_fast_modes_give_identical_images(palettized):
+    out = palettized(4)
+    jit = StableDiffusion.from_pretrained(out, palettized_mode="jit")
+    fast = StableDiffusion.from_pretrained(out, palettized_mode="fast")
+    # jit keeps the palettized weights out of the parameters; fast holds them dense
+    jit_params = sum(p.numel() for p in jit.unet.parameters())
+    assert jit_params < sum(p.numel() for p in fast.unet.parameters()) / 2
+    assert np.array_equal(pixels(jit), pixels(fast))
+    with pytest.raises(ValueError, match="palettized_mode"):
+        StableDiffusion.from_pretrained(out, palettized_mode="lazy")
+
+
+def test_fp16_at_rest_is_close_to_fp32(source, reference_pixels):
+    sd = StableDiffusion.from_pretrained(source, dtype=torch.float16, compute_dtype=torch.float32)
+    assert sd.dtype == torch.float32 and sd.vae_dtype == torch.float32
+    assert all(p.dtype == torch.float16 for p in sd.unet.state_dict().values() if p.is_floating_point()) or \
+        not list(sd.unet.parameters())
+    assert image_psnr(pixels(sd), reference_pixels) > 35
+
+
+def test_low_memory_gives_the_same_image(source, palettized, reference_pixels):
+    sd = StableDiffusion.from_pretrained(source, low_memory=True)
+    assert not isinstance(sd.text_encoder, torch.nn.Module) and not isinstance(sd.vae, torch.nn.Module)
+    assert np.array_equal(pixels(sd), reference_pixels)
+    out = palettized(4)
+    assert np.array_equal(pixels(StableDiffusion.from_pretrained(out, low_memory=True)),
+                          pixels(StableDiffusion.from_pretrained(out)))
+
+
+def test_tiled_decoding_matches_whole_decoding_where_the_image_fits_a_tile(source):
+    sd = StableDiffusion.from_pretrained(source)
+    z = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = sd.vae.decode(z)
+        assert torch.equal(decode_tiled(sd.vae, z, tile=24), whole)
+        tiled = decode_tiled(sd.vae, z, tile=12, overlap=4)
+    assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
+    # far from the seams the tiles see (nearly) what the whole decode sees
+    assert (tiled - whole).abs().mean() < 0.5 * whole.abs().mean()
+
+
+def test_mixed_bit_recipe_meets_its_target(source, tmp_path):
+    out = tmp_path / "mixed"
+    summary = compress(source, out, mixed_bit=25.0, min_elements=20_000, log=None, candidates=(2, 8),
+                       n_inputs=1)
+    assert summary["psnr_db"] >= 25.0
+    recipe = json.loads((out / "unet" / "palettization.json").read_text())
+    assert {v["bits"] for v in recipe["tensors"].values()} <= {2, 8}
+    pixels(StableDiffusion.from_pretrained(out))
+
+
+def broken_copy(folder, tmp_path, edit):
+    copy = tmp_path / "broken"
+    shutil.copytree(folder, copy)
+    recipe_path = copy / "unet" / "palettization.json"
+    edit(recipe_path)
+    return copy
+
+
+def edit_recipe(change):
+    def edit(path):
+        recipe = json.loads(path.read_text())
+        change(recipe)
+        path.write_text(json.dumps(recipe))
+    return edit
+
+
+def first(recipe):
+    return next(iter(recipe["tensors"].values()))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.write_text("{not json"), "not valid json"),
+    (edit_recipe(lambda r: r.update(format="coreml")), "not an sdlite palettization recipe"),
+    (edit_recipe(lambda r: r.update(version=99)), "version 99"),
+    (edit_recipe(lambda r: first(r).update(bits=6)), "does not match"),
+    (edit_recipe(lambda r: first(r).update(shape=[3, 3])), "does not match"),
+    (edit_recipe(lambda r: first(r).pop("bits")), "malformed entry"),
+    (edit_recipe(lambda r: r["tensors"].update({"conv_in.extra": first(r)})), "do not belong together"),
+    (edit_recipe(lambda r: r["tensors"].pop(next(iter(r["tensors"])))), "do not belong together"),
+    (edit_recipe(lambda r: r.update(weights="gone.safetensors")), "missing"),
+])
+def test_corrupt_or_mismatched_recipes_give_clear_errors(palettized, tmp_path, edit, message):
+    folder = broken_copy(palettized(4), tmp_path, edit)
+    with pytest.raises((CheckpointError, FileNotFoundError), match=message):
+        StableDiffusion.from_pretrained(folder)
+
+
+def test_recipe_of_another_model_is_refused(palettized, tmp_path):
+    """A recipe whose shapes match its weights but not the network's config."""
+    folder = tmp_path / "other"
+    shutil.copytree(palettized(4), folder)
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["cross_attention_dim"] = 48
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config needs|does not match"):
+        StableDiffusion.from_pretrained(folder)
+
+
+def test_compress_refuses_bad_arguments(source, tmp_path):
+    with pytest.raises(ValueError, match="bits must be one of"):
+        compress(source, tmp_path / "a", bits=3, log=None)
+    with pytest.raises(ValueError, match="give bits"):
+        compress(source, tmp_path / "b", log=None)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(FileExistsError):
+        compress(source, tmp_path / "full", bits=4, log=None)
