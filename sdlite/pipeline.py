@@ -43,7 +43,7 @@ class Defaults:
 
 
 class StableDiffusion:
-    """A loaded Stable Diffusion model (SD 1.x / 2.x) and the ways to generate images with it."""
+    """A loaded Stable Diffusion model (SD 1.x / 2.x / SDXL) and the ways to generate images with it."""
 
     def __init__(self, tokenizer, text_encoder, unet, vae, schedule: ScheduleConfig, defaults: Defaults, path: Path,
                  tokenizer_2=None, text_encoder_2=None, force_zeros_for_empty_prompt: bool = False):
@@ -211,6 +211,43 @@ class StableDiffusion:
             states = text_encoder(ids).last_hidden_state  # (1 or 2, T, D)
         return states.repeat_interleave(n_images, dim=0)
 
+    def _encode(self, encoder, tokenizer, prompts: list[str]):
+        """CLIPOutput of `encoder` for `prompts`."""
+        ids = torch.tensor(tokenizer(prompts), device=self.device)
+        return encoder(ids)
+
+    @torch.inference_mode()
+    def encode_prompt_sdxl(self, prompt: str, negative_prompt: str, n_images: int, guided: bool,
+                           size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        """SDXL conditioning, as diffusers' StableDiffusionXLPipeline: the penultimate hidden states
+        of both text encoders concatenated (2N, T, D1 + D2), and added_cond = the second encoder's
+        projected pooled output (2N, P) with the micro-conditioning time ids (2N, 6) = original
+        size, crop top-left (0, 0), target size, all (height, width) of the image. With
+        `force_zeros_for_empty_prompt`, an empty negative prompt is all-zero conditioning
+        (diffusers' behaviour when no negative prompt is given)."""
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if not isinstance(text, str):
+                raise ValueError(f"{name} must be a string, got {type(text).__name__}")
+        zero_negative = guided and negative_prompt == "" and self.force_zeros_for_empty_prompt
+        prompts = [negative_prompt, prompt] if guided and not zero_negative else [prompt]
+        first = self._encode(self.text_encoder, self.tokenizer, prompts)
+        second = self._encode(self.text_encoder_2, self.tokenizer_2, prompts)
+        states = torch.cat([first.penultimate_hidden_state, second.penultimate_hidden_state], dim=-1)
+        pooled = second.text_embeds  # (1 or 2, P)
+        if zero_negative:
+            states = torch.cat([torch.zeros_like(states), states])
+            pooled = torch.cat([torch.zeros_like(pooled), pooled])
+        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=states.dtype, device=self.device)
+        added = {"text_embeds": pooled.repeat_interleave(n_images, dim=0),
+                 "time_ids": time_ids.repeat(len(states) * n_images, 1)}
+        return states.repeat_interleave(n_images, dim=0), added
+
+    def _conditioning(self, prompt, negative_prompt, n_images, guided, size):
+        """(text states, UNet added_cond or None) for a batch."""
+        if self.text_encoder_2 is None:
+            return self.encode_prompt(prompt, negative_prompt, n_images, guided), None
+        return self.encode_prompt_sdxl(prompt, negative_prompt, n_images, guided, size)
+
     # -- denoising ----------------------------------------------------------------------------
 
     def num_denoising_steps(self, steps: int | None = None, strength: float = 1.0, sampler: str | None = None) -> int:
@@ -233,27 +270,28 @@ class StableDiffusion:
                 raise ValueError(f"{name} must be a positive multiple of 8 (at least {factor}), got {value!r}")
         return height // factor, width // factor
 
-    def _denoise(self, x, plan, context, cfg, generator) -> Iterator[tuple[int, torch.Tensor]]:
+    def _denoise(self, x, plan, conditioning, cfg, generator) -> Iterator[tuple[int, torch.Tensor]]:
         guided = cfg > 1
+        context, added = conditioning
 
         def model(x_in: torch.Tensor, t) -> torch.Tensor:
             if not guided:
-                return self.unet(x_in, t, context)
-            uncond, cond = self.unet(torch.cat([x_in, x_in]), t, context).chunk(2)
+                return self.unet(x_in, t, context, added)
+            uncond, cond = self.unet(torch.cat([x_in, x_in]), t, context, added).chunk(2)
             return uncond + cfg * (cond - uncond)
 
         with torch.inference_mode():
             for i, x in enumerate(plan.sample(model, x, generator=generator)):
                 yield i, plan.to_latents(x, i)
 
-    def _setup(self, prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength):
+    def _setup(self, prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength, size):
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
             raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
         cfg = self.default_cfg if cfg is None else cfg
         if not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
             raise ValueError(f"cfg must be a finite number, got {cfg!r}")
         plan = self._plan(sampler, steps, strength)
-        context = self.encode_prompt(prompt, negative_prompt, n_images, guided=cfg > 1)
+        context = self._conditioning(prompt, negative_prompt, n_images, cfg > 1, size)
         seed = random.randrange(2**32) if seed is None else seed
         generator = torch.Generator("cpu").manual_seed(seed)
         return plan, context, cfg, generator
@@ -279,7 +317,9 @@ class StableDiffusion:
         cfg <= 1 turns classifier-free guidance off (one UNet pass per step), as in diffusers.
         """
         latent_h, latent_w = self._latent_size(height, width)
-        plan, context, cfg, generator = self._setup(prompt, negative_prompt, n_images, steps, cfg, seed, sampler, 1.0)
+        factor = self.vae.config.downscale_factor
+        plan, context, cfg, generator = self._setup(prompt, negative_prompt, n_images, steps, cfg, seed, sampler, 1.0,
+                                                    (latent_h * factor, latent_w * factor))
         channels = self.unet.config.in_channels
         x = self._noise((n_images, channels, latent_h, latent_w), generator) * plan.init_noise_sigma
         yield from self._denoise(x, plan, context, cfg, generator)
@@ -308,7 +348,7 @@ class StableDiffusion:
             raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
         pixels = image_to_tensor(self.fit_image(image, height, width)).to(self.device)
         plan, context, cfg, generator = self._setup(
-            prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength
+            prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength, tuple(pixels.shape[-2:])
         )
         with torch.inference_mode():
             with using(self.vae) as vae:
