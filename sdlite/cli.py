@@ -26,6 +26,7 @@ from . import __version__, images
 DEFAULT_STRENGTH = 0.8  # StableDiffusion.generate_latents_from_image's default
 TRIANGLE_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DTYPES = ("float32", "float16", "bfloat16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class UsageError(Exception):
@@ -52,6 +53,8 @@ class Settings:
     decoding_batch_size: int | None = None  # latents decoded at a time; None: the whole batch
     device: str = "cpu"
     dtype: str = "float32"
+    prediction_type: str | None = None  # overrides the model's: "epsilon" or "v_prediction"
+    loras: list | None = None  # [[LoRA file (absolute), weight], ...] merged after loading
     image: str | None = None  # img2img: the source image (absolute path)
     image_sha256: str | None = None  # img2img: its bytes' hash, checked when replaying
     strength: float | None = None  # img2img: 0 keeps the image, 1 replaces it with noise
@@ -73,6 +76,7 @@ class Output:
     verbose: bool = False
     quiet: bool = False
     replay: dict | None = None  # --from-png: the recorded file entry (kind, index, step) to redo
+    allow_pickle: bool = False  # --allow-pickle: a permission, so not recorded or replayed
 
     def derived(self, *parts) -> Path:
         return self.path.with_name("_".join([self.path.stem, *map(str, parts)]) + self.path.suffix)
@@ -115,7 +119,7 @@ strength = _number(float, 0.0, 1.0)
 def build_parser() -> Parser:
     parser = Parser(prog="sdlite", description="Stable Diffusion on the command line.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"sdlite {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,info,serve}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,info,serve,convert}")
     generate = commands.add_parser("generate", help="text to image", allow_abbrev=False)
     generate.add_argument("prompt", nargs="?", help="what to draw (optional with --from-png)")
     generate.add_argument("--from-png", type=Path, metavar="FILE", help="redo the image recorded in FILE's metadata")
@@ -136,14 +140,39 @@ def build_parser() -> Parser:
     info.add_argument("--device", default="cpu")
     info.add_argument("--dtype", choices=DTYPES, default="float32")
     add_serve_parser(commands)
+    add_convert_parser(commands)
     return parser
+
+
+def add_convert_parser(commands) -> None:
+    """`sdlite convert IN OUT`: diffusers folder <-> single-file checkpoint (sdlite.single_file)."""
+    convert = commands.add_parser("convert", help="diffusers folder <-> single-file checkpoint", allow_abbrev=False)
+    convert.add_argument("source", metavar="IN", help="a diffusers-layout folder, or a single-file checkpoint")
+    convert.add_argument("target", metavar="OUT", help="a .safetensors file (from a folder), or a new folder (from a file)")
+    convert.add_argument("--allow-pickle", action="store_true", help="read .ckpt / .bin pickle files (they can run code)")
+    convert.add_argument("--prediction-type", choices=PREDICTION_TYPES,
+                         help="file -> folder: the scheduler's prediction type (default: epsilon, or the file's v_pred marker)")
+
+
+def lora_option(text: str) -> list:
+    """--lora FILE[:WEIGHT] -> [absolute path, weight]; the weight defaults to 1."""
+    path, _, weight = text.rpartition(":")
+    try:
+        value = float(weight)
+    except ValueError:
+        path, value = text, 1.0
+    if not path:
+        raise argparse.ArgumentTypeError(f"expected FILE[:WEIGHT], got {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"LoRA weight must be finite, got {weight}")
+    return [str(Path(path).absolute()), value]
 
 
 def add_serve_parser(commands) -> None:
     """`sdlite serve`: the options map one to one to sdlite.server.ServerOptions (docs: README, Server)."""
     serve = commands.add_parser("serve", help="HTTP server: OpenAI and web UI APIs, a web page", allow_abbrev=False)
     add = serve.add_argument
-    add("--model", metavar="PATH", help="model folder (default: the bundled model)")
+    add("--model", metavar="PATH", help="model folder or single-file checkpoint (default: the bundled model)")
     add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     add("--port", type=_number(int, 0, 65535), default=7860, help="default 7860")
     add("--api-key", default=os.environ.get("SDLITE_API_KEY"), metavar="KEY",
@@ -168,7 +197,7 @@ def add_common_options(p: Parser) -> None:
     """Options of generate and img2img. Setting options default to None: 'not given', so that
     --from-png knows what to override."""
     add = p.add_argument
-    add("--model", metavar="PATH", help="model folder (default: the bundled model)")
+    add("--model", metavar="PATH", help="model folder or single-file checkpoint (default: the bundled model)")
     add("--n-images", "--n_images", type=positive, metavar="N", help="images in the batch (default 1)")
     add("--n-rows", "--n_rows", type=positive, metavar="R", help="rows of the grid; must divide --n-images (default 1)")
     add("--steps", type=positive, metavar="N", help="sampler steps (default: the model's)")
@@ -179,6 +208,11 @@ def add_common_options(p: Parser) -> None:
     add("--height", type=positive, metavar="PX", help="pixels, a multiple of 8 (default: the model's size)")
     add("--width", type=positive, metavar="PX", help="pixels, a multiple of 8 (default: the model's size)")
     add("--decoding-batch-size", "--decoding_batch_size", type=positive, metavar="N", help="latents decoded at a time")
+    add("--prediction-type", choices=PREDICTION_TYPES, help="override the model's (single files default to "
+        "epsilon unless they carry a v_pred marker)")
+    add("--lora", dest="loras", action="append", type=lora_option, metavar="FILE[:WEIGHT]",
+        help="merge a LoRA file (kohya or diffusers format), weight default 1 (repeatable)")
+    add("--allow-pickle", action="store_true", help="read pickle checkpoints (.ckpt, .bin); they can run code")
     add("--device", help="torch device (default cpu)")
     add("--dtype", choices=DTYPES, help="default float32")
     add("-o", "--output", type=Path, default=Path("out.png"), metavar="FILE", help="file to write, .png (default out.png)")
@@ -205,7 +239,7 @@ def settings_from_args(args) -> tuple[Settings, Output]:
         if name in given:
             given[name] = str(Path(given[name]).absolute())
     output = Output(args.output, args.save_each, args.show_denoising, args.save_last, args.save_prompt,
-                    args.overwrite, args.verbose, args.quiet)
+                    args.overwrite, args.verbose, args.quiet, allow_pickle=args.allow_pickle)
     if getattr(args, "from_png", None) is not None:
         record = read_record(args.from_png)
         recorded = {k: v for k, v in record["settings"].items() if k in {f.name for f in fields(Settings)}}
@@ -267,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             return show_info(args)
         if args.command == "serve":
             return serve(args)
+        if args.command == "convert":
+            return run_convert(args)
         settings, output = settings_from_args(args)
         if output.quiet:
             warnings.simplefilter("ignore")
@@ -286,7 +322,7 @@ def fail(error: Exception, status: int) -> int:
     return status
 
 
-def load_model(path: str | None, device: str, dtype: str):
+def load_model(path: str | None, device: str, dtype: str, **options):
     import torch
 
     from . import StableDiffusion
@@ -295,7 +331,37 @@ def load_model(path: str | None, device: str, dtype: str):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:  # what torch raises for unknown or absent devices
         raise UsageError(f"device {device!r} is not available: {e}") from None
-    return StableDiffusion.from_pretrained(path, device=device, dtype=getattr(torch, dtype))
+    return StableDiffusion.from_pretrained(path, device=device, dtype=getattr(torch, dtype), **options)
+
+
+def model_options(s: Settings, out: Output) -> dict:
+    """from_pretrained's checkpoint options: prediction type, LoRAs and the pickle permission."""
+    return dict(prediction_type=s.prediction_type, loras=[tuple(lora) for lora in s.loras or ()],
+                allow_pickle=out.allow_pickle)
+
+
+def run_convert(args) -> int:
+    """`convert`: a folder becomes one .safetensors file, a single file becomes a folder."""
+    from .single_file import save_diffusers_folder, save_single_file
+
+    source, target = Path(args.source), Path(args.target)
+    if not source.exists():
+        raise UsageError(f"{source} does not exist")
+    if source.is_dir():
+        if not (source / "model_index.json").is_file():
+            raise UsageError(f"{source} is not a diffusers-layout model folder (no model_index.json)")
+        if target.suffix != ".safetensors":
+            raise UsageError(f"{target}: a folder converts to a .safetensors file")
+        if target.exists():
+            raise UsageError(f"{target} already exists")
+        family = save_single_file(source, target, allow_pickle=args.allow_pickle)
+    else:
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise UsageError(f"{target} exists and is not an empty folder")
+        family = save_diffusers_folder(source, target, allow_pickle=args.allow_pickle,
+                                       prediction_type=args.prediction_type)
+    print(f"wrote {target} ({ {'sd1': 'SD 1.x', 'sd2': 'SD 2.x', 'sdxl': 'SDXL'}[family] })")
+    return 0
 
 
 def run(s: Settings, out: Output) -> int:
@@ -308,7 +374,7 @@ def run(s: Settings, out: Output) -> int:
             raise UsageError(f"source image {s.image} has changed since the recorded run (its sha256 differs)")
         s.image_sha256 = digest
     refuse_existing([out.path] + [out.derived(i) for i in range(s.n_images) if out.save_each], out)
-    sd = load_model(s.model, s.device, s.dtype)
+    sd = load_model(s.model, s.device, s.dtype, **model_options(s, out))
     source = resolve(s, sd, source)
     say = (lambda *a: None) if out.quiet else print
     say(f"seed: {s.seed}")

@@ -5,13 +5,17 @@ in the original layout by sdlite's converter; diffusers' own `from_single_file` 
 file must give the folder's tensors bit for bit, so the converter is checked independently.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sdlite import StableDiffusion
 from sdlite import keys
+from sdlite.images import read_png_text
 from sdlite.loading import CheckpointError, find_weight_files, read_weights
 from sdlite.single_file import read_single_file, save_diffusers_folder, save_single_file
 
@@ -175,3 +179,34 @@ def test_pickle_needs_the_opt_in(family_model, tmp_path):
         StableDiffusion.from_pretrained(path)
     sd = StableDiffusion.from_pretrained(path, allow_pickle=True)
     assert sd.unet.config.block_out_channels == (32, 64, 64)
+
+
+def test_cli_convert_generate_and_lora(family_model, tmp_path, capsys):
+    from sdlite.cli import main
+
+    folder, _ = family_model("sd1")
+    single = tmp_path / "model.safetensors"
+    assert main(["convert", str(folder), str(single)]) == 0
+    assert main(["convert", str(single), str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "model_index.json").is_file()
+    assert main(["convert", str(folder), str(single)]) == 2  # refuses to overwrite
+    assert "already exists" in capsys.readouterr().err
+    # a LoRA: one random update of an attention projection
+    lora = tmp_path / "lora.safetensors"
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q"
+    save_file({f"{name}.lora_down.weight": torch.randn(2, 32), f"{name}.lora_up.weight": torch.randn(32, 2)}, lora)
+    args = ["generate", "a cat", "--model", str(single), "--steps", "2", "--height", "64", "--width", "64",
+            "--seed", "1", "--quiet"]
+    assert main(args + ["-o", str(tmp_path / "plain.png")]) == 0
+    assert main(args + ["-o", str(tmp_path / "lora.png"), "--lora", f"{lora}:0.8",
+                        "--prediction-type", "epsilon"]) == 0
+    record = json.loads(read_png_text(tmp_path / "lora.png")["sdlite"])
+    assert record["settings"]["loras"] == [[str(lora), 0.8]]
+    assert record["settings"]["prediction_type"] == "epsilon"
+    plain, merged = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("plain", "lora"))
+    assert not np.array_equal(plain, merged)
+    pickle = tmp_path / "model.ckpt"
+    torch.save(load_file(single), pickle)
+    assert main(args + ["--model", str(pickle), "-o", str(tmp_path / "p.png")]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert main(args + ["--model", str(pickle), "-o", str(tmp_path / "p.png"), "--allow-pickle"]) == 0
