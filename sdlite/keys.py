@@ -74,6 +74,8 @@ ORIGINAL_PREFIXES = {
              "text_encoder_2": "conditioner.embedders.1.model."},
 }
 OPENCLIP_PREFIXES = ("cond_stage_model.model.", "conditioner.embedders.1.model.")
+# Training checkpoints also carry the VAE's loss network (discriminator, LPIPS) under its prefix.
+TRAINING_ONLY = ("first_stage_model.loss.",)
 # Original keys inside a component's prefix that hold nothing sdlite uses.
 UNUSED_ORIGINAL = re.compile(r"(^|\.)(logit_scale|attn_mask|position_ids)$")
 
@@ -294,9 +296,11 @@ def identity_openclip_layer(index: int, width: int, mlp_width: int, dtype: torch
 
 def split_original(state: dict, family: str) -> dict[str, dict]:
     """Group a single file's tensors by component (prefixes removed); other keys (EMA copies,
-    schedule buffers such as `alphas_cumprod`) are left out."""
+    schedule buffers such as `alphas_cumprod`, the VAE's training loss) are left out."""
     parts = {component: {} for component in ORIGINAL_PREFIXES[family]}
     for key, tensor in state.items():
+        if key.startswith(TRAINING_ONLY):
+            continue
         for component, prefix in ORIGINAL_PREFIXES[family].items():
             if key.startswith(prefix):
                 parts[component][key[len(prefix):]] = tensor

@@ -94,7 +94,8 @@ def detect_family(state: dict, source: str) -> str:
         raise CheckpointError(f"{source}: unknown architecture (sdlite reads SD 1.x, SD 2.x and SDXL base "
                               "checkpoints; this file has no known text encoder or no cross-attention)")
     context, linear = state[attn2].shape[1], state[proj_in].ndim == 2
-    widths = {"sd1": state.get("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"),
+    widths = {"sd1": state.get("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+                               state.get("cond_stage_model.transformer.embeddings.token_embedding.weight")),
               "sd2": state.get("cond_stage_model.model.token_embedding.weight")}
     if family == "sdxl":
         w0 = state.get("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight")

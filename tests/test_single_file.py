@@ -210,3 +210,25 @@ def test_cli_convert_generate_and_lora(family_model, tmp_path, capsys):
     assert main(args + ["--model", str(pickle), "-o", str(tmp_path / "p.png")]) == 2
     assert "--allow-pickle" in capsys.readouterr().err
     assert main(args + ["--model", str(pickle), "-o", str(tmp_path / "p.png"), "--allow-pickle"]) == 0
+
+
+def test_real_world_extras_are_ignored(family_model, tmp_path):
+    """Published files carry EMA copies, schedule buffers, position ids, OpenCLIP's logit scale and
+    text projection (SD 2.x), the VAE's training loss, fp16 tensors, and old CLIP names without
+    `text_model.`."""
+    _, single = family_model("sd1")
+    state = load_file(single)
+    old_names = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v.half()
+                 for k, v in state.items()}
+    extras = {"model_ema.decay": torch.tensor(0.9999), "alphas_cumprod": torch.ones(1000),
+              "first_stage_model.loss.logvar": torch.zeros(()),
+              "cond_stage_model.transformer.embeddings.position_ids": torch.arange(77)[None]}
+    save_file(old_names | extras, tmp_path / "sd1.safetensors")
+    sd = StableDiffusion.from_pretrained(tmp_path / "sd1.safetensors")
+    assert sd.text_encoder.text_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32
+    _, single2 = family_model("sd2")
+    state2 = load_file(single2) | {"cond_stage_model.model.logit_scale": torch.tensor(4.6),
+                                   "cond_stage_model.model.text_projection": torch.randn(64, 64)}
+    save_file(state2, tmp_path / "sd2.safetensors")
+    assert read_single_file(tmp_path / "sd2.safetensors").weights["text_encoder"].keys() == \
+        read_single_file(single2).weights["text_encoder"].keys()
