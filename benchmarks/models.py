@@ -117,7 +117,10 @@ def build_model(name: str, cache: Path | None = None, seed: int = 0) -> Path:
     reference, overrides = MODELS[name]
     source = CONFIGS / reference
     shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(source, folder)
+    for file in source.rglob("*"):  # file by file: the copy must be writable even if the source is not
+        if file.is_file():
+            (folder / file.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, folder / file.relative_to(source))
     for file in ("vocab.json", "merges.txt"):
         shutil.copy(CLIP_VOCAB / file, folder / "tokenizer" / file)
     for component, (weights, _, _) in COMPONENTS.items():

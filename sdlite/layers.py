@@ -1,11 +1,111 @@
-"""Building blocks shared by the UNet and the VAE: multi-head attention (SDPA), the sinusoidal
-timestep embedding, and the activation table. Weight names follow diffusers' `Attention`."""
+"""Building blocks shared by the UNet and the VAE: Linear and Conv2d layers that run CPU inference
+on prepacked oneDNN weights, multi-head attention (SDPA), the resnet, down- and upsampling
+blocks, the sinusoidal timestep embedding and the activation table. Weight names follow
+diffusers'."""
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state_dict) that, for CPU fp32 inference, multiplies by a
+    oneDNN-prepacked copy of its weight: oneDNN otherwise re-lays-out the weight on every call.
+    The copy is made on first use and made again if the weight changes (in place or replaced).
+    With autograd recording, on other devices or dtypes it is plain nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = packed_weight(self, x, _pack_linear)
+        if packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, self.bias, "none", [], "")
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d with a prepacked oneDNN weight for CPU fp32 inference, as `Linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = packed_weight(self, x, _pack_conv)
+        if packed is None:
+            return super().forward(x)
+        return torch.ops.mkldnn._convolution_pointwise(x.contiguous(), packed, self.bias, self.padding, self.stride,
+                                                       self.dilation, self.groups, "none", [], "")
+
+
+def _pack_linear(layer: nn.Linear) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None)
+
+
+def _pack_conv(layer: nn.Conv2d) -> torch.Tensor:
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(layer.weight.detach().to_mkldnn(), layer.padding, layer.stride,
+                                                     layer.dilation, layer.groups, None)
+
+
+def packed_weight(layer: nn.Module, x: torch.Tensor, pack) -> torch.Tensor | None:
+    """The layer's packed weight for input `x`, or None where packing does not apply (autograd,
+    non-CPU, non-fp32, no oneDNN, string padding, tracing or compiling).
+
+    A parameter's packed copy is kept and made again when the parameter changes (in place or
+    replaced). A weight that is not a parameter is materialised per call (sdlite.memory's weights
+    at rest): it is packed for this call only, so it costs no memory and every mode computes
+    with the same kernels (the same numbers, bit for bit)."""
+    w = layer.weight
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or w.device.type != "cpu"
+            or (torch.is_grad_enabled() and w.requires_grad) or not torch.backends.mkldnn.is_available()
+            or getattr(layer, "padding_mode", "zeros") != "zeros" or isinstance(getattr(layer, "padding", 0), str)
+            or torch.jit.is_tracing() or torch.compiler.is_compiling()):  # exporters and compilers see plain ops
+        return None
+    if layer._parameters.get("weight") is not w:
+        with torch.no_grad():
+            return pack(layer)
+    try:
+        key = (w.data_ptr(), w._version)
+    except RuntimeError:  # an inference tensor has no version counter
+        key = (w.data_ptr(), None)
+    # (weak reference to the weight, its key, packed weight); not a buffer, so no state_dict
+    # entry. The weight must be the same tensor, at the same address, unmodified.
+    state = layer.__dict__.get("_packed")
+    if state is not None and state[0]() is w and state[1] == key:
+        return state[2]
+    layer.__dict__["_packed"] = None  # free the old copy first
+    with torch.no_grad():
+        packed = pack(layer)
+    layer.__dict__["_packed"] = (weakref.ref(w), key, packed)
+    release_pages(w)  # the packed copy is what runs from now on
+    return packed
+
+
+MADV_PAGEOUT = 21  # Linux >= 5.4; Python's mmap module does not name it
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Ask the kernel to take `t`'s whole pages out of this process's resident memory
+    (madvise MADV_PAGEOUT). Memory-mapped weights come back from their file if read again; the
+    contents never change (anonymous memory without swap just stays). A no-op off Linux."""
+    global _madvise
+    if _madvise is None:
+        import ctypes
+        import sys
+
+        _madvise = False
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL(None, use_errno=True)
+            _madvise = libc.madvise
+            _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if not _madvise or t.device.type != "cpu":
+        return
+    page = 4096
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:
+        _madvise(start, end - start, MADV_PAGEOUT)
+
+
+_madvise = None
+
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -38,10 +138,10 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.upcast = heads, upcast
         context_dim = dim if context_dim is None else context_dim
-        self.to_q = nn.Linear(dim, dim, bias=bias)
-        self.to_k = nn.Linear(context_dim, dim, bias=bias)
-        self.to_v = nn.Linear(context_dim, dim, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # index 0 as in diffusers (1 was dropout)
+        self.to_q = Linear(dim, dim, bias=bias)
+        self.to_k = Linear(context_dim, dim, bias=bias)
+        self.to_v = Linear(context_dim, dim, bias=bias)
+        self.to_out = nn.ModuleList([Linear(dim, dim)])  # index 0 as in diffusers (1 was dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -69,11 +169,11 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, cin: int, cout: int, temb_dim: int | None, groups: int, eps: float, act: str = "silu"):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_dim, cout) if temb_dim is not None else None
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = Linear(temb_dim, cout) if temb_dim is not None else None
         self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,7 +190,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, padding: int = 1):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
@@ -103,7 +203,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple | None = None) -> torch.Tensor:
         if size is None:

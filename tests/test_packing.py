@@ -1,0 +1,67 @@
+"""sdlite.layers.Linear / Conv2d: prepacked oneDNN weights for CPU fp32 inference must give
+nn.Linear / nn.Conv2d's numbers, follow weight changes, and stay out of autograd and state_dict."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdlite.layers import Conv2d, Linear
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+
+LAYERS = [
+    (lambda: Linear(48, 80), lambda: torch.randn(2, 7, 48)),
+    (lambda: Linear(48, 80, bias=False), lambda: torch.randn(3, 48)),
+    (lambda: Conv2d(16, 24, 3, padding=1), lambda: torch.randn(2, 16, 9, 7)),
+    (lambda: Conv2d(16, 16, 3, stride=2, padding=0), lambda: torch.randn(1, 16, 8, 8)),
+    (lambda: Conv2d(16, 8, 1), lambda: torch.randn(2, 16, 5, 5)),
+]
+
+
+def plain(layer, x):
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, layer.weight, layer.bias)
+
+
+@pytest.mark.parametrize("make, data", LAYERS)
+def test_packed_matches_plain_and_follows_weight_changes(make, data):
+    torch.manual_seed(0)
+    layer, x = make().eval(), data()
+    with torch.inference_mode():
+        assert torch.allclose(layer(x), plain(layer, x), atol=1e-5)
+        assert layer.__dict__["_packed"][2] is not None  # the packed path ran
+        layer.weight.mul_(-2)  # in place, as a LoRA merge does
+        assert torch.allclose(layer(x), plain(layer, x), atol=1e-5)
+    layer.weight = nn.Parameter(torch.randn_like(layer.weight))  # replaced
+    with torch.no_grad():
+        assert torch.allclose(layer(x), plain(layer, x), atol=1e-5)
+        # another size than the one it was first packed for
+        y = torch.cat([x, x])
+        assert torch.allclose(layer(y), plain(layer, y), atol=1e-5)
+
+
+@pytest.mark.parametrize("make, data", LAYERS[:1] + LAYERS[2:3])
+def test_autograd_and_state_dict_are_untouched(make, data):
+    layer, x = make(), data()
+    layer(x).sum().backward()  # grad mode with a trainable weight: the plain path, with gradients
+    assert layer.weight.grad is not None
+    with torch.no_grad():
+        layer(x)
+    reference = (nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d)
+    assert list(layer.state_dict()) == ["weight", "bias"] and isinstance(layer, reference)
+
+
+def test_weights_materialised_per_call_are_packed_per_call():
+    # sdlite.memory.keep_at_rest replaces parameters by plain tensors set just before each call:
+    # they run on the packed kernels too (the same numbers as a loaded model) but nothing is kept.
+    layer, x = Linear(8, 8).eval(), torch.randn(2, 8)
+    with torch.no_grad():
+        packed_result = layer(x)
+        weight = layer.weight.detach().clone()
+        del layer._parameters["weight"]
+        for _ in range(3):
+            layer.weight = weight.clone()
+            assert torch.equal(layer(x), packed_result)
+    assert layer.__dict__["_packed"][0]() is None  # only the first (parameter) weight was kept
