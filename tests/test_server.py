@@ -107,6 +107,27 @@ def test_preview_methods(sd):
         assert Image.open(io.BytesIO(job.preview)).size == (64, 48) and len(job.results) == 1
 
 
+def test_a_failing_job_does_not_stop_the_worker(sd, monkeypatch):
+    from sdlite.jobs import FINISHED, Generation, JobQueue
+
+    real_decode, calls = sd.decode, []
+
+    def decode(latents, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return real_decode(latents, *args)
+
+    monkeypatch.setattr(sd, "decode", decode)
+    queue = JobQueue(sd, preview="none")
+    generation = Generation("a cat", "", steps=2, cfg=7.5, sampler="ddim", seed=0, width=64, height=64)
+    first, second = queue.submit(generation), queue.submit(generation)
+    wait_for(lambda: second.state in FINISHED)
+    queue.close()
+    assert first.state == "failed" and first.error == "RuntimeError: out of memory"
+    assert second.state == "done" and len(second.results) == 1
+
+
 # -- the web UI's API -----------------------------------------------------------------------------
 
 
