@@ -26,7 +26,6 @@ import secrets
 import threading
 import time
 import traceback
-import warnings
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, fields
 
@@ -271,21 +270,19 @@ class JobQueue:
             job.batch = batch
             kwargs = dict(negative_prompt=g.negative_prompt, n_images=g.batch_size, steps=g.steps, cfg=g.cfg,
                           seed=g.seed + batch * g.batch_size, sampler=g.sampler)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # long prompts are truncated with a warning: fine here
-                if g.image is None:
-                    latents_steps = sd.generate_latents(g.prompt, height=g.height, width=g.width, **kwargs)
-                else:
-                    latents_steps = sd.generate_latents_from_image(g.image, g.prompt, g.strength, **kwargs)
-                latents = None
-                for i, latents in latents_steps:
-                    job.step += 1
-                    if job._cancel.is_set():
-                        raise Cancelled
-                    if job._interrupt.is_set():
-                        break
-                    if self.preview != "none" and (i + 1) % self.preview_every == 0:
-                        job.preview, job.preview_step = self._preview(latents), job.step
+            if g.image is None:
+                latents_steps = sd.generate_latents(g.prompt, height=g.height, width=g.width, **kwargs)
+            else:
+                latents_steps = sd.generate_latents_from_image(g.image, g.prompt, g.strength, **kwargs)
+            latents = None
+            for i, latents in latents_steps:
+                job.step += 1
+                if job._cancel.is_set():
+                    raise Cancelled
+                if job._interrupt.is_set():
+                    break
+                if self.preview != "none" and (i + 1) % self.preview_every == 0:
+                    job.preview, job.preview_step = self._preview(latents), job.step
             if latents is None:  # img2img at strength 0: no step, the image comes back
                 decoded = [g.image.copy() for _ in range(g.batch_size)]
             else:

@@ -31,7 +31,6 @@ import math
 import random
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -233,9 +232,7 @@ class Server:
             raise ApiError(400, f"the source image is {image.width}x{image.height}, over the limit of "
                                 f"{o.max_width}x{o.max_height}: give width and height to resize it")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # cut to multiples of 64, as documented
-                image = self.sd.fit_image(image, height, width)
+            image = self.sd.fit_image(image, height, width)  # warns when it cuts to multiples of 64
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         return image, hashlib.sha256(raw).hexdigest()
