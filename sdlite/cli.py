@@ -55,6 +55,7 @@ class Settings:
     dtype: str = "float32"
     prediction_type: str | None = None  # overrides the model's: "epsilon" or "v_prediction"
     loras: list | None = None  # [[LoRA file (absolute), weight], ...] merged after loading
+    long_prompts: bool = False  # prompts over 77 tokens and (word:1.3) emphasis (sdlite.prompts)
     image: str | None = None  # img2img: the source image (absolute path)
     image_sha256: str | None = None  # img2img: its bytes' hash, checked when replaying
     strength: float | None = None  # img2img: 0 keeps the image, 1 replaces it with noise
@@ -213,6 +214,8 @@ def add_common_options(p: Parser) -> None:
     add("--lora", dest="loras", action="append", type=lora_option, metavar="FILE[:WEIGHT]",
         help="merge a LoRA file (kohya or diffusers format), weight default 1 (repeatable)")
     add("--allow-pickle", action="store_true", help="read pickle checkpoints (.ckpt, .bin); they can run code")
+    add("--long-prompts", action="store_true", default=None,
+        help="prompts over 77 tokens (75-token chunks) and (word:1.3) / (word) / [word] emphasis, as the web UIs")
     add("--device", help="torch device (default cpu)")
     add("--dtype", choices=DTYPES, help="default float32")
     add("-o", "--output", type=Path, default=Path("out.png"), metavar="FILE", help="file to write, .png (default out.png)")
@@ -337,7 +340,7 @@ def load_model(path: str | None, device: str, dtype: str, **options):
 def model_options(s: Settings, out: Output) -> dict:
     """from_pretrained's checkpoint options: prediction type, LoRAs and the pickle permission."""
     return dict(prediction_type=s.prediction_type, loras=[tuple(lora) for lora in s.loras or ()],
-                allow_pickle=out.allow_pickle)
+                allow_pickle=out.allow_pickle, long_prompts=s.long_prompts)
 
 
 def run_convert(args) -> int:

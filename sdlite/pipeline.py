@@ -54,6 +54,7 @@ class StableDiffusion:
         # SDXL: an empty negative prompt is all-zero conditioning, as diffusers does by default.
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self._lora_base = {}  # (network, parameter) -> the weight before any LoRA was merged
+        self.long_prompts = False  # chunked, weighted prompts (sdlite.prompts); off: diffusers' encoding
         self.unet = unet
         self.vae = vae
         self.schedule = schedule
@@ -89,6 +90,7 @@ class StableDiffusion:
         allow_pickle: bool = False,
         prediction_type: str | None = None,
         loras: list | tuple = (),
+        long_prompts: bool = False,
         compute_dtype: torch.dtype | None = None,
         low_memory: bool = False,
         palettized_mode: str = "jit",
@@ -98,7 +100,8 @@ class StableDiffusion:
         no path, the model bundled with sdlite. `allow_pickle` permits pickle weights, which can run
         code when read: use it only for files you trust. `prediction_type` ("epsilon" or
         "v_prediction") overrides the checkpoint's (single files: see sdlite.single_file for the
-        default). `loras` is a list of (path, weight) merged after loading (see `load_lora`).
+        default). `loras` is a list of (path, weight) merged after loading (see `load_lora`);
+        `long_prompts` reads prompts over 77 tokens and (word:1.3) emphasis (see sdlite.prompts).
 
         Memory: weights are kept in `dtype` and computed in `compute_dtype` (default `dtype`), layer
         by layer, e.g. dtype=torch.float16, compute_dtype=torch.float32 halves the RAM of fp32 on
@@ -175,6 +178,7 @@ class StableDiffusion:
         for lora in loras:
             lora_path, weight = (lora, 1.0) if isinstance(lora, (str, Path)) else lora
             sd.load_lora(lora_path, weight)
+        sd.long_prompts = long_prompts
         if low_memory:
             sd.vae_tile_size = 32
         return sd
@@ -206,6 +210,9 @@ class StableDiffusion:
             if not isinstance(text, str):
                 raise ValueError(f"{name} must be a string, got {type(text).__name__}")
         prompts = [negative_prompt, prompt] if guided else [prompt]
+        if self.long_prompts:
+            states, _ = self._encode_long(self.text_encoder, self.tokenizer, prompts, penultimate=False)
+            return states.repeat_interleave(n_images, dim=0)
         ids = torch.tensor(self.tokenizer(prompts), device=self.device)
         with using(self.text_encoder) as text_encoder:
             states = text_encoder(ids).last_hidden_state  # (1 or 2, T, D)
@@ -213,7 +220,23 @@ class StableDiffusion:
 
     def _encode(self, encoder, tokenizer, prompts: list[str]):
         """CLIPOutput of `encoder` for `prompts`."""
-        ids = torch.tensor(tokenizer(prompts), device=self.device)
+        return self._encode_ids(encoder, tokenizer(prompts))
+
+    def _encode_long(self, encoder, tokenizer, prompts: list[str], penultimate: bool):
+        """Chunked, weighted states (P, 77 k, D) and first-chunk pooled outputs (P, D') of
+        `prompts` (see sdlite.prompts)."""
+        from .prompts import batch_chunks, reweight
+
+        rows, weights, k = batch_chunks(tokenizer, prompts)
+        out = self._encode_ids(encoder, rows)
+        states = out.penultimate_hidden_state if penultimate else out.last_hidden_state  # (P k, 77, D)
+        states = reweight(states, torch.tensor(weights, dtype=states.dtype, device=states.device))
+        pooled = out.pooled_output if out.text_embeds is None else out.text_embeds  # (P k, D')
+        return states.reshape(len(prompts), -1, states.shape[-1]), pooled[::k]
+
+    def _encode_ids(self, encoder, ids: list[list[int]]):
+        """CLIPOutput of `encoder` for rows of token ids."""
+        ids = torch.tensor(ids, device=self.device)
         return encoder(ids)
 
     @torch.inference_mode()
@@ -230,10 +253,15 @@ class StableDiffusion:
                 raise ValueError(f"{name} must be a string, got {type(text).__name__}")
         zero_negative = guided and negative_prompt == "" and self.force_zeros_for_empty_prompt
         prompts = [negative_prompt, prompt] if guided and not zero_negative else [prompt]
-        first = self._encode(self.text_encoder, self.tokenizer, prompts)
-        second = self._encode(self.text_encoder_2, self.tokenizer_2, prompts)
-        states = torch.cat([first.penultimate_hidden_state, second.penultimate_hidden_state], dim=-1)
-        pooled = second.text_embeds  # (1 or 2, P)
+        if self.long_prompts:
+            first, _ = self._encode_long(self.text_encoder, self.tokenizer, prompts, penultimate=True)
+            second, pooled = self._encode_long(self.text_encoder_2, self.tokenizer_2, prompts, penultimate=True)
+            states = torch.cat([first, second], dim=-1)
+        else:
+            first = self._encode(self.text_encoder, self.tokenizer, prompts)
+            second = self._encode(self.text_encoder_2, self.tokenizer_2, prompts)
+            states = torch.cat([first.penultimate_hidden_state, second.penultimate_hidden_state], dim=-1)
+            pooled = second.text_embeds  # (1 or 2, P)
         if zero_negative:
             states = torch.cat([torch.zeros_like(states), states])
             pooled = torch.cat([torch.zeros_like(pooled), pooled])
