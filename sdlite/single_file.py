@@ -45,6 +45,8 @@ FAMILY_MARKERS = {
 }
 EXPECTED_KEYS = ("model.diffusion_model.* (UNet), first_stage_model.* (VAE) and cond_stage_model.* or "
                  "conditioner.embedders.* (text encoders)")
+NETWORK_NAMES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+                 "text_encoder_2": "CLIPTextModel"}
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                 "text_encoder": "model", "text_encoder_2": "model"}
 
@@ -293,9 +295,10 @@ def save_single_file(folder: str | Path, out: str | Path, allow_pickle: bool = F
     configs = {c: read_json(folder / c / "config.json") for c in components}
     weights = {}
     for c in components:
-        weights[c] = {}
+        raw = {}
         for file in find_weight_files(folder / c, allow_pickle=allow_pickle):
-            weights[c].update(read_weights(file))
+            raw.update(read_weights(file))
+        weights[c] = keys.canonical_state(raw, NETWORK_NAMES[c])  # e.g. pre-0.14 VAE attention names
     _save(keys.diffusers_to_original(weights, family, network_configs(configs)), out)
     return family
 

@@ -232,3 +232,22 @@ def test_real_world_extras_are_ignored(family_model, tmp_path):
     save_file(state2, tmp_path / "sd2.safetensors")
     assert read_single_file(tmp_path / "sd2.safetensors").weights["text_encoder"].keys() == \
         read_single_file(single2).weights["text_encoder"].keys()
+
+
+def test_convert_reads_legacy_vae_attention_names(family_model, tmp_path):
+    import shutil
+
+    folder, single = family_model("sd1")
+    legacy = tmp_path / "legacy"
+    shutil.copytree(folder, legacy)
+    vae_file = legacy / "vae" / "diffusion_pytorch_model.safetensors"
+    names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for key, tensor in load_file(vae_file).items():
+        for new, old in names.items():
+            key = key.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+        state[key] = tensor
+    save_file(state, vae_file)
+    save_single_file(legacy, tmp_path / "legacy.safetensors")
+    first, second = load_file(single), load_file(tmp_path / "legacy.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
