@@ -345,7 +345,7 @@ def model_options(s: Settings, out: Output) -> dict:
 
 def run_convert(args) -> int:
     """`convert`: a folder becomes one .safetensors file, a single file becomes a folder."""
-    from .single_file import save_diffusers_folder, save_single_file
+    from .single_file import FAMILY_NAMES, save_diffusers_folder, save_single_file
 
     source, target = Path(args.source), Path(args.target)
     if not source.exists():
@@ -363,7 +363,7 @@ def run_convert(args) -> int:
             raise UsageError(f"{target} exists and is not an empty folder")
         family = save_diffusers_folder(source, target, allow_pickle=args.allow_pickle,
                                        prediction_type=args.prediction_type)
-    print(f"wrote {target} ({ {'sd1': 'SD 1.x', 'sd2': 'SD 2.x', 'sdxl': 'SDXL'}[family] })")
+    print(f"wrote {target} ({FAMILY_NAMES[family]})")
     return 0
 
 

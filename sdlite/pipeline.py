@@ -177,7 +177,7 @@ class StableDiffusion:
         )
         for lora in loras:
             lora_path, weight = (lora, 1.0) if isinstance(lora, (str, Path)) else lora
-            sd.load_lora(lora_path, weight)
+            sd.load_lora(lora_path, weight, allow_pickle)
         sd.long_prompts = long_prompts
         if low_memory:
             sd.vae_tile_size = 32
