@@ -107,6 +107,22 @@ def test_preview_methods(sd):
         assert Image.open(io.BytesIO(job.preview)).size == (64, 48) and len(job.results) == 1
 
 
+def test_two_workers_give_the_same_images(sd):
+    from sdlite.jobs import Generation, JobQueue
+
+    queue = JobQueue(sd, workers=2, preview="none")
+    generations = [Generation("a cat", "", steps=20, cfg=7.5, sampler=sampler, seed=seed, width=64, height=64)
+                   for sampler, seed in (("euler_a", 1), ("ddim", 2))]
+    jobs = [queue.submit(g) for g in generations]
+    wait_for(lambda: queue.counts["done"] == 2)
+    assert all(j.started < min(k.finished for k in jobs) for j in jobs)  # side by side
+    queue.close()
+    for job, g in zip(jobs, generations):
+        expected = sd.text_to_image("a cat", steps=20, sampler=g.sampler, seed=g.seed)[0]
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(job.results[0].png)).convert("RGB")),
+                                      np.asarray(expected))
+
+
 def test_a_failing_job_does_not_stop_the_worker(sd, monkeypatch):
     from sdlite.jobs import FINISHED, Generation, JobQueue
 
