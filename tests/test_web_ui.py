@@ -63,7 +63,7 @@ def test_generate_in_the_browser(browser, url):
     assert page.input_value("#width") == "64" and page.input_value("#sampler") == "pndm"
 
     page.fill("#prompt", "a red circle on a blue background")
-    page.fill("#steps", "120")  # long enough to watch the bar move (~2 s on the tiny model)
+    page.fill("#steps", "60")  # long enough to watch the bar move (~1 s on the tiny model)
     page.fill("#seed", "42")
     page.evaluate(WATCH)
     page.click("#generate")
