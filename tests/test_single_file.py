@@ -251,3 +251,45 @@ def test_convert_reads_legacy_vae_attention_names(family_model, tmp_path):
     save_single_file(legacy, tmp_path / "legacy.safetensors")
     first, second = load_file(single), load_file(tmp_path / "legacy.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("reference", ["sd-1.5", "sd-2.1-base", "sdxl-base-1.0"])
+def test_full_size_layouts_match_diffusers_conversion(reference):
+    """The real architectures, on the meta device (no weights): a full-size model written in the
+    original layout is detected with its reference config, and diffusers' own converters map its
+    UNet and VAE keys to the same tensors as sdlite's tables."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from sdlite.clip import CLIPTextModel
+    from sdlite.loading import read_json
+    from sdlite.single_file import CONFIGS, describe, detect_family, network_configs
+    from sdlite.unet import UNet2DConditionModel
+    from sdlite.vae import AutoencoderKL
+
+    folder = CONFIGS / reference
+    jsons = {c: read_json(folder / c / "config.json") for c in ("unet", "vae", "text_encoder", "text_encoder_2")
+             if (folder / c).is_dir()}
+    configs = network_configs(jsons)
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+               "text_encoder_2": CLIPTextModel}
+    with torch.device("meta"):
+        states = {c: classes[c](configs[c]).state_dict() for c in configs}
+    family = {"sd-1.5": "sd1", "sd-2.1-base": "sd2", "sdxl-base-1.0": "sdxl"}[reference]
+    original = keys.diffusers_to_original(states, family, configs)
+    assert detect_family(original, "meta") == family
+    model = describe(original, family, None, "meta")
+    assert model.reference == reference
+    for component, config in network_configs(model.configs).items():
+        expected = configs[component]
+        if component.startswith("text"):  # projection_dim only matters with a projection
+            expected = expected.__class__(**{**expected.__dict__, "projection_dim": config.projection_dim})
+        assert config == expected, component
+    for component, state in states.items():
+        assert model.weights[component].keys() == state.keys(), component
+    unet = {k: v for k, v in original.items() if k.startswith("model.diffusion_model.")}
+    theirs = convert_ldm_unet_checkpoint(unet, jsons["unet"])
+    assert theirs.keys() == model.weights["unet"].keys()
+    assert all(theirs[k] is model.weights["unet"][k] for k in theirs)
+    vae = {k: v for k, v in original.items() if k.startswith("first_stage_model.")}
+    theirs = convert_ldm_vae_checkpoint(vae, jsons["vae"])
+    assert theirs.keys() == model.weights["vae"].keys()
