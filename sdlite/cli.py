@@ -3,7 +3,7 @@
 argv -> argparse -> `Settings` (everything that decides the pixels, recorded in every PNG and
 replayed by `generate --from-png`) + `Output` (which files to write, how to report) ->
 StableDiffusion calls -> files written by `sdlite.images`. Options and the seed tools' aliases
-(MLX stable_diffusion txt2image.py / image2image.py) are documented in docs/cli.md.
+(MLX stable_diffusion txt2image.py / image2image.py) are documented in the README.
 
 Usage mistakes exit with status 2 and one line on stderr; torch is imported only once the
 command has been checked, so they are reported at once.
@@ -56,6 +56,9 @@ class Settings:
     prediction_type: str | None = None  # overrides the model's: "epsilon" or "v_prediction"
     loras: list | None = None  # [[LoRA file (absolute), weight], ...] merged after loading
     long_prompts: bool = False  # prompts over 77 tokens and (word:1.3) emphasis (sdlite.prompts)
+    compute_dtype: str | None = None  # None: as dtype; float32 with dtype float16: fp16 weights at rest
+    low_memory: bool = False  # text encoder and VAE loaded only while used; VAE decoded in tiles
+    palettized_mode: str = "jit"  # palettized models: "jit" (weights rebuilt per layer) or "fast"
     image: str | None = None  # img2img: the source image (absolute path)
     image_sha256: str | None = None  # img2img: its bytes' hash, checked when replaying
     strength: float | None = None  # img2img: 0 keeps the image, 1 replaces it with noise
@@ -120,7 +123,7 @@ strength = _number(float, 0.0, 1.0)
 def build_parser() -> Parser:
     parser = Parser(prog="sdlite", description="Stable Diffusion on the command line.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"sdlite {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,info,serve,convert}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,info,serve,compress,convert}")
     generate = commands.add_parser("generate", help="text to image", allow_abbrev=False)
     generate.add_argument("prompt", nargs="?", help="what to draw (optional with --from-png)")
     generate.add_argument("--from-png", type=Path, metavar="FILE", help="redo the image recorded in FILE's metadata")
@@ -142,7 +145,21 @@ def build_parser() -> Parser:
     info.add_argument("--dtype", choices=DTYPES, default="float32")
     add_serve_parser(commands)
     add_convert_parser(commands)
+    add_compress_parser(commands)
     return parser
+
+
+def add_compress_parser(commands) -> None:
+    """`sdlite compress`: a palettized copy of a model folder (sdlite.palettize.compress)."""
+    compress = commands.add_parser("compress", help="palettize a model's weights (k-means LUT + packed indices)",
+                                   allow_abbrev=False)
+    add = compress.add_argument
+    add("model", help="model folder (diffusers layout)")
+    add("-o", "--output", type=Path, required=True, metavar="FOLDER", help="new folder for the palettized model")
+    add("--bits", type=int, choices=(1, 2, 4, 6, 8), help="bits per weight (with --mixed-bit: text encoder and VAE, default 8)")
+    add("--mixed-bit", type=_number(float, 0.0), metavar="DB",
+        help="per-layer UNet bits meeting this PSNR (dB) of the UNet output, measured on the model")
+    add("--group-size", type=positive, metavar="N", help="one LUT per N output channels (default: one per tensor)")
 
 
 def add_convert_parser(commands) -> None:
@@ -217,7 +234,13 @@ def add_common_options(p: Parser) -> None:
     add("--long-prompts", action="store_true", default=None,
         help="prompts over 77 tokens (75-token chunks) and (word:1.3) / (word) / [word] emphasis, as the web UIs")
     add("--device", help="torch device (default cpu)")
-    add("--dtype", choices=DTYPES, help="default float32")
+    add("--dtype", choices=DTYPES, help="weights' dtype (default float32)")
+    add("--compute-dtype", choices=DTYPES, help="math dtype (default: --dtype); float32 with --dtype float16 keeps "
+                                               "weights fp16 in memory")
+    add("--low-memory", action="store_true", default=None,
+        help="load the text encoder and VAE only while used; decode in tiles")
+    add("--palettized-mode", choices=("jit", "fast"),
+        help="palettized models: rebuild each weight when used (jit, default: least RAM) or unpack at load (fast)")
     add("-o", "--output", type=Path, default=Path("out.png"), metavar="FILE", help="file to write, .png (default out.png)")
     add("--overwrite", action="store_true", help="replace existing files (default: refuse)")
     add("--save-each", action="store_true", help="also write each image as <base>_<index>.png")
@@ -306,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "convert":
             return run_convert(args)
+        if args.command == "compress":
+            return run_compress(args)
         settings, output = settings_from_args(args)
         if output.quiet:
             warnings.simplefilter("ignore")
@@ -325,7 +350,8 @@ def fail(error: Exception, status: int) -> int:
     return status
 
 
-def load_model(path: str | None, device: str, dtype: str, **options):
+def load_model(path: str | None, device: str, dtype: str, compute_dtype: str | None = None, low_memory: bool = False,
+               palettized_mode: str = "jit", **options):
     import torch
 
     from . import StableDiffusion
@@ -334,7 +360,30 @@ def load_model(path: str | None, device: str, dtype: str, **options):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:  # what torch raises for unknown or absent devices
         raise UsageError(f"device {device!r} is not available: {e}") from None
-    return StableDiffusion.from_pretrained(path, device=device, dtype=getattr(torch, dtype), **options)
+    return StableDiffusion.from_pretrained(path, device=device, dtype=getattr(torch, dtype), **options,
+                                           compute_dtype=None if compute_dtype is None else getattr(torch, compute_dtype),
+                                           low_memory=low_memory, palettized_mode=palettized_mode)
+
+
+def run_compress(args) -> int:
+    """Palettize args.model into args.output and report sizes, bits and (mixed-bit) PSNR."""
+    if args.bits is None and args.mixed_bit is None:
+        raise UsageError("give --bits {1,2,4,6,8} or --mixed-bit DB")
+    if not (Path(args.model) / "model_index.json").is_file():
+        raise UsageError(f"{args.model} is not a diffusers-layout model folder (no model_index.json)")
+    if args.output.exists() and any(args.output.iterdir()):
+        raise UsageError(f"{args.output} exists and is not empty; choose another output folder")
+    from .palettize import compress
+
+    start = time.perf_counter()
+    summary = compress(args.model, args.output, bits=args.bits, mixed_bit=args.mixed_bit, group_size=args.group_size)
+    source = sum(p.stat().st_size for p in Path(args.model).rglob("*") if p.is_file())
+    line = f"wrote {args.output}: {summary['bytes'] / 2**20:.1f} MiB (source {source / 2**20:.1f} MiB)"
+    if args.mixed_bit is not None:
+        line += (f"; UNet {summary['unet_average_bits']:.2f} bits on average, output PSNR {summary['psnr_db']:.1f} dB "
+                 f"(target {args.mixed_bit:g} dB)")
+    print(f"{line}; {time.perf_counter() - start:.0f} s")
+    return 0
 
 
 def model_options(s: Settings, out: Output) -> dict:
@@ -377,7 +426,7 @@ def run(s: Settings, out: Output) -> int:
             raise UsageError(f"source image {s.image} has changed since the recorded run (its sha256 differs)")
         s.image_sha256 = digest
     refuse_existing([out.path] + [out.derived(i) for i in range(s.n_images) if out.save_each], out)
-    sd = load_model(s.model, s.device, s.dtype, **model_options(s, out))
+    sd = load_model(s.model, s.device, s.dtype, s.compute_dtype, s.low_memory, s.palettized_mode, **model_options(s, out))
     source = resolve(s, sd, source)
     say = (lambda *a: None) if out.quiet else print
     say(f"seed: {s.seed}")

@@ -344,28 +344,44 @@ def component_weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
     return canonical_state(weights, COMPONENTS[component])
 
 
+def group_size_for(tensor: torch.Tensor, group_size: int | None) -> int | None:
+    """The group size used for `tensor`: None (one LUT) where `group_size` does not divide its channels."""
+    return group_size if group_size is not None and tensor.shape[0] % group_size == 0 else None
+
+
+def palettize_cached(key: str, tensor: torch.Tensor, bits: int, group_size: int | None, cache: dict | None):
+    """`palettize`, remembered in `cache` (if given) under (key, bits, group size)."""
+    size = group_size_for(tensor, group_size)
+    if cache is None:
+        return palettize(tensor, bits, size)
+    if (key, bits, size) not in cache:
+        cache[key, bits, size] = palettize(tensor, bits, size)
+    return cache[key, bits, size]
+
+
 def compress_component(weights: dict[str, torch.Tensor], bits: int | dict[str, int], group_size: int | None = None,
-                       min_elements: int = MIN_ELEMENTS) -> tuple[dict, dict]:
+                       min_elements: int = MIN_ELEMENTS, cache: dict | None = None) -> tuple[dict, dict]:
     """Split a state dict into fp16 tensors and palettized ones; `bits` is one width for all, or a
-    per-key recipe (keys it lacks stay fp16)."""
+    per-key recipe (keys it lacks stay fp16). `cache` reuses palettized tensors across calls."""
     dense, packed = {}, {}
     for key, tensor in weights.items():
         b = bits.get(key) if isinstance(bits, dict) else bits
         if b is not None and is_palettizable(key, tensor, min_elements):
-            size = group_size if group_size is not None and tensor.shape[0] % group_size == 0 else None
-            packed[key] = palettize(tensor, b, size)
+            packed[key] = palettize_cached(key, tensor, b, group_size, cache)
         else:
             dense[key] = tensor
     return dense, packed
 
 
 def compress(source: str | Path, out: str | Path, bits: int | None = None, mixed_bit: float | None = None,
-             group_size: int | None = None, min_elements: int = MIN_ELEMENTS, log=print, **mixed_options) -> dict:
+             group_size: int | None = None, min_elements: int = MIN_ELEMENTS, log=print, unet_cache: dict | None = None,
+             **mixed_options) -> dict:
     """Write a palettized copy of the model folder `source` to `out`.
 
     Every component is palettized at `bits`; with `mixed_bit` (a target PSNR in dB) the UNet gets a
     per-layer recipe from `mixed_bit_recipe` instead (the other components stay at `bits`, default 8).
-    Returns a summary: bytes on disk, average bits, and the recipe's measured PSNR.
+    Returns a summary: bytes on disk, average bits, and the recipe's measured PSNR. `unet_cache`
+    (a dict) keeps the UNet's palettized tensors for later calls, e.g. 8, 6, 4 bits then mixed.
     """
     source, out = Path(source), Path(out)
     log = log or (lambda *args: None)
@@ -385,7 +401,7 @@ def compress(source: str | Path, out: str | Path, bits: int | None = None, mixed
 
         sd = StableDiffusion.from_pretrained(source)
         unet_bits, report = mixed_bit_recipe(sd, mixed_bit, group_size=group_size, min_elements=min_elements,
-                                             log=log, **mixed_options)
+                                             log=log, cache=unet_cache, **mixed_options)
         summary.update(report)
         del sd
     out.mkdir(parents=True, exist_ok=True)
@@ -404,7 +420,7 @@ def compress(source: str | Path, out: str | Path, bits: int | None = None, mixed
                 shutil.copy(item, out / component / item.name)
         weights = component_weights(source, component)
         dense, packed = compress_component(weights, unet_bits if component == "unet" else bits, group_size,
-                                           min_elements)
+                                           min_elements, unet_cache if component == "unet" else None)
         extra = {"psnr_db": summary.get("psnr_db")} if component == "unet" and mixed_bit is not None else {}
         save_palettized(out / component, dense, packed, group_size, extra)
         summary[component] = {"average_bits": average_bits(dense, packed), "palettized": len(packed),
@@ -460,7 +476,7 @@ def unet_inputs(sd, prompts=PROMPTS, latent_size: int | None = None, steps: int 
 
 def mixed_bit_recipe(sd, target_db: float, candidates=(2, 4, 6, 8), group_size: int | None = None,
                      min_elements: int = MIN_ELEMENTS, latent_size: int | None = None, n_inputs: int = 3,
-                     log=print) -> tuple[dict[str, int], dict]:
+                     log=print, cache: dict | None = None) -> tuple[dict[str, int], dict]:
     """Per-layer bit widths for `sd.unet` meeting `target_db` PSNR of the UNet output, after Apple's
     mixed-bit palettization (ml-stable-diffusion `mixed_bit_compression_pre_analysis.py`).
 
@@ -471,6 +487,9 @@ def mixed_bit_recipe(sd, target_db: float, candidates=(2, 4, 6, 8), group_size: 
        while the summed noise stays within the target's budget.
     3. Palettize with the recipe, measure the real PSNR; if it misses the target, shrink the budget
        by the miss and choose again (at most 4 times).
+
+    `latent_size` (default: the model's) sets the inputs' size: smaller is faster to measure.
+    `cache` (a dict) reuses palettized tensors, see `compress`.
     """
     log = log or (lambda *args: None)
     unet = sd.unet
@@ -497,13 +516,15 @@ def mixed_bit_recipe(sd, target_db: float, candidates=(2, 4, 6, 8), group_size: 
     def mse(out):
         return (out.double() - reference.double()).pow(2).mean().item()
 
-    dense = {}  # (key, bits) -> the palettized weight, unpacked
+    cache = {} if cache is None else cache
     noise = {}
+
+    def weight(key, b):
+        return palettize_cached(key, params[key], b, group_size, cache).unpack(params[key].dtype)
+
     for i, key in enumerate(keys):
-        size = group_size if group_size is not None and params[key].shape[0] % group_size == 0 else None
         for b in candidates:
-            dense[key, b] = palettize(params[key], b, size).unpack(params[key].dtype)
-            noise[key, b] = mse(output_with({key: dense[key, b]}))
+            noise[key, b] = mse(output_with({key: weight(key, b)}))
         if (i + 1) % 25 == 0:
             log(f"sensitivity: {i + 1}/{len(keys)} layers, {time.perf_counter() - start:.0f} s")
 
@@ -532,7 +553,7 @@ def mixed_bit_recipe(sd, target_db: float, candidates=(2, 4, 6, 8), group_size: 
     budget = peak**2 / 10 ** (target_db / 10)
     for attempt in range(5):
         recipe = choose(budget)
-        achieved = psnr(reference, output_with({k: dense[k, b] for k, b in recipe.items()}))
+        achieved = psnr(reference, output_with({k: weight(k, b) for k, b in recipe.items()}))
         if achieved >= target_db or attempt == 4:
             break
         budget *= 10 ** ((achieved - target_db) / 10)  # the sum under-estimated the noise by this much

@@ -212,3 +212,18 @@ def test_compress_refuses_bad_arguments(source, tmp_path):
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(FileExistsError):
         compress(source, tmp_path / "full", bits=4, log=None)
+
+
+def test_cli_compress_and_generate_with_low_memory(source, tmp_path, capsys):
+    from sdlite.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["compress", str(source), "--bits", "8", "-o", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["compress", str(source), "-o", str(tmp_path / "x")]) == 2
+    assert "--bits" in capsys.readouterr().err
+    image = tmp_path / "a.png"
+    assert main(["generate", PROMPT, "--model", str(out), "--steps", "2", "--seed", "1", "--low-memory",
+                 "--palettized-mode", "fast", "--dtype", "float16", "--compute-dtype", "float32", "-q",
+                 "-o", str(image)]) == 0
+    assert image.is_file()
