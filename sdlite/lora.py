@@ -128,6 +128,9 @@ def merge_lora(pipeline, path: str | Path, weight: float = 1.0, allow_pickle: bo
         if network is None:
             raise CheckpointError(f"{path}: LoRA layer {layer.name!r} is for {layer.network}, which this model "
                                   "does not have")
+        if not isinstance(network, nn.Module):
+            raise CheckpointError(f"{path}: cannot merge a LoRA into {layer.network} while it is loaded on demand "
+                                  "(low_memory); load the model without it")
         if layer.network not in lookups:
             lookups[layer.network] = module_names(network, network.config if layer.network == "unet" else None)
         local = KOHYA_PREFIX.sub("", layer.name) if KOHYA_PREFIX.match(layer.name) else layer.name.split(".", 1)[1]
