@@ -7,6 +7,7 @@ from pathlib import Path
 METRICS = [
     ("import_s", "import", "s", True),
     ("load_s", "load", "s", True),
+    ("convert_s", "of which UNet conversion", "s", True),
     ("cold_start_s", "cold start (spawn to ready)", "s", True),
     ("text_encoding_s", "text encoding", "s", True),
     ("unet_first_step_s", "UNet first step", "s", True),

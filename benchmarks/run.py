@@ -121,6 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=None, help="model cache (default ~/.cache/sdlite-bench)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--name", default=None, help="result file stem (default from the settings)")
+    parser.add_argument("--openvino-cache", type=Path, default=None,
+                        help="reuse converted UNets from this folder (default: convert afresh, as a cold start)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per engine")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -160,6 +162,7 @@ def main(argv=None) -> dict:
         if "error" in probe:
             raise SystemExit(f"the probe failed: {probe['error']}")
         results["machine"], results["unet_flops"] = probe["machine"], probe["unet_flops"]
+        spec["openvino_cache"] = str(args.openvino_cache or workdir / "openvino")
         for engine in args.engines:
             reason = engine_skip_reason(engine, device, dtype)
             if reason:
@@ -181,8 +184,10 @@ def main(argv=None) -> dict:
             if reference.is_file():  # the same seed should give the same image in every engine
                 result["max_pixel_diff_vs_diffusers"] = max_pixel_difference(workdir / f"{engine}.png", reference)
         if "openvino" in results["engines"]:
-            results["notes"].append("openvino: the UNet runs in OpenVINO (convert_model of sdlite's UNet, static "
-                                    "shapes, fp32, compiled for the CPU); text encoder and VAE run in torch (sdlite)")
+            how = "converted in this run" if results["engines"]["openvino"].get("converted") else "read from cache"
+            results["notes"].append("openvino: sdlite with its OpenVINO UNet (sdlite.openvino: convert_model of "
+                                    f"sdlite's UNet, {how}; static shapes, fp32, compiled for the CPU on first "
+                                    "use, so the first step includes compiling); text encoder and VAE in torch")
         if results["machine"].get("accelerate") is None and "diffusers" in results["engines"]:
             results["notes"].append("diffusers: accelerate is not installed, so diffusers random-initialises its "
                                     "models before loading the weights (its default in this environment)")

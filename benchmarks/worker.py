@@ -9,9 +9,9 @@ the timers hooked on its text encoder, UNet and VAE decoder), so every figure me
 
 - sdlite:    sdlite's StableDiffusion pipeline.
 - diffusers: diffusers' StableDiffusionPipeline with the matching scheduler.
-- openvino:  sdlite's pipeline whose UNet is replaced by the same UNet converted with
-             `openvino.convert_model` at static shapes and compiled for the CPU in fp32; the text
-             encoder and VAE run in torch (sdlite's).
+- openvino:  sdlite's pipeline with sdlite.openvino's backend: the same UNet converted with
+             `openvino.convert_model` (IR cached on disk), compiled per batch at a static shape
+             for the CPU in fp32; the text encoder and VAE run in torch (sdlite's).
 """
 
 import json
@@ -132,74 +132,24 @@ class DiffusersEngine(SdliteEngine):
 
 
 class OpenVINOEngine(SdliteEngine):
-    """sdlite's pipeline with the UNet compiled by OpenVINO (static shapes, fp32, `threads` threads)."""
+    """sdlite's pipeline with `sdlite.openvino.use_openvino`: the UNet converted by OpenVINO
+    (static shapes per batch, fp32, `threads` threads); text encoder and VAE in torch."""
 
     def import_(self):
         super().import_()
         import openvino  # noqa: F401
 
     def load(self):
-        import openvino as ov
-        import torch
+        from sdlite.openvino import use_openvino
 
         super().load()
         s = self.spec
-        unet = self.sd.unet
-        self.ov_model = None
-        self.compiled = {}
-        h, w = s["height"] // 8, s["width"] // 8
-        batch = 2 if s["cfg"] > 1 else 1
-        example = (torch.zeros(batch, unet.config.in_channels, h, w), torch.tensor(999.0),
-                   torch.zeros(batch, 77, unet.config.cross_attention_dim))
         t0 = time.perf_counter()
-        # Converted with a free batch dimension (so a fixed batch is not folded into reshapes),
-        # then fixed to each batch's static shape before compiling.
-        shapes = [[-1, *example[0].shape[1:]], [], [-1, *example[2].shape[1:]]]
-        with torch.no_grad():
-            self.ov_model = ov.convert_model(unet, example_input=example,
-                                             input=[(shape, ov.Type.f32) for shape in shapes])
-        self.timings = {"convert_s": time.perf_counter() - t0}
-        self.core = ov.Core()
-        t0 = time.perf_counter()
-        self._compiled(batch)
-        self.timings["compile_s"] = time.perf_counter() - t0
-        self.sd.unet = openvino_unet(self, unet.config)
-        del unet  # the torch UNet's weights are no longer needed
-
-    def _compiled(self, batch: int):
-        """The UNet compiled for a UNet batch of `batch` (reshaping the converted model if needed)."""
-        if batch not in self.compiled:
-            sample, _, context = ([batch] + [d.get_length() for d in i.get_partial_shape()[1:]]
-                                  for i in self.ov_model.inputs)
-            self.ov_model.reshape({0: sample, 2: context})
-            config = {"INFERENCE_NUM_THREADS": self.spec["threads"], "INFERENCE_PRECISION_HINT": "f32"}
-            self.compiled[batch] = self.core.compile_model(self.ov_model, "CPU", config)
-        return self.compiled[batch]
+        use_openvino(self.sd, s["height"], s["width"], cache_dir=s["openvino_cache"], threads=s["threads"])
+        self.timings = {"convert_s": time.perf_counter() - t0, "converted": self.sd.unet.converted}
 
     def unet(self, x, t, context):
-        import torch
-
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(())
-        out = self._compiled(x.shape[0])([x.numpy(), t.numpy(), context.numpy()])[0]
-        return torch.from_numpy(out)
-
-
-def openvino_unet(engine: OpenVINOEngine, config):
-    """A module that stands in for sdlite's UNet: same call and `config`, and one empty parameter
-    so that the pipeline reads its dtype and device."""
-    import torch
-    from torch import nn
-
-    class OpenVINOUNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.config = config
-            self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
-
-        def forward(self, x, t, context, added_cond=None):
-            return engine.unet(x, t, context)
-
-    return OpenVINOUNet()
+        return self.sd.unet(x, t, context)
 
 
 def probe(spec: dict) -> dict:

@@ -1,0 +1,24 @@
+"""sdlite.openvino: the OpenVINO UNet gives sdlite's image, and its conversion is cached on disk."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+
+from sdlite import StableDiffusion  # noqa: E402
+from sdlite.openvino import OpenVINOUNet, use_openvino  # noqa: E402
+
+
+def test_openvino_unet_matches_torch_and_is_cached(reference_model, tmp_path):
+    path = reference_model("sd2", "epsilon")
+    settings = dict(prompt="a red circle", steps=3, seed=1, sampler="ddim", n_images=2)
+    torch_image = StableDiffusion.from_pretrained(path).text_to_image(**settings)
+    sd = use_openvino(StableDiffusion.from_pretrained(path), cache_dir=tmp_path)
+    assert isinstance(sd.unet, OpenVINOUNet) and sd.unet.converted
+    ov_image = sd.text_to_image(**settings)
+    for a, b in zip(torch_image, ov_image):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+    again = use_openvino(StableDiffusion.from_pretrained(path), cache_dir=tmp_path)
+    assert not again.unet.converted  # read back from the cache
+    with pytest.raises(ValueError, match="converted for"):
+        again.text_to_image("x", steps=1, height=128, width=128)
