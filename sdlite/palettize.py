@@ -474,7 +474,7 @@ def unet_inputs(sd, prompts=PROMPTS, latent_size: int | None = None, steps: int 
     return inputs
 
 
-def mixed_bit_recipe(sd, target_db: float, candidates=(2, 4, 6, 8), group_size: int | None = None,
+def mixed_bit_recipe(sd, target_db: float | str, candidates=(2, 4, 6, 8), group_size: int | None = None,
                      min_elements: int = MIN_ELEMENTS, latent_size: int | None = None, n_inputs: int = 3,
                      log=print, cache: dict | None = None) -> tuple[dict[str, int], dict]:
     """Per-layer bit widths for `sd.unet` meeting `target_db` PSNR of the UNet output, after Apple's
@@ -488,7 +488,9 @@ def mixed_bit_recipe(sd, target_db: float, candidates=(2, 4, 6, 8), group_size: 
     3. Palettize with the recipe, measure the real PSNR; if it misses the target, shrink the budget
        by the miss and choose again (at most 4 times).
 
-    `latent_size` (default: the model's) sets the inputs' size: smaller is faster to measure.
+    `target_db` may also be "N-bit": the PSNR that uniform N-bit palettization reaches, to find a
+    recipe of that quality in fewer bits. `latent_size` (default: the model's) sets the inputs'
+    size: smaller is faster to measure.
     `cache` (a dict) reuses palettized tensors, see `compress`.
     """
     log = log or (lambda *args: None)
@@ -550,6 +552,10 @@ def mixed_bit_recipe(sd, target_db: float, candidates=(2, 4, 6, 8), group_size: 
             total += noise[best, lower] - noise[best, chosen[best]]
             chosen[best] = lower
 
+    uniform = {b: psnr(reference, output_with({k: weight(k, b) for k in keys})) for b in candidates}
+    log("uniform palettization, UNet output PSNR: " + ", ".join(f"{b} bits {p:.1f} dB" for b, p in uniform.items()))
+    if isinstance(target_db, str):
+        target_db = uniform[int(target_db.removesuffix("-bit"))]
     budget = peak**2 / 10 ** (target_db / 10)
     for attempt in range(5):
         recipe = choose(budget)
@@ -562,6 +568,6 @@ def mixed_bit_recipe(sd, target_db: float, candidates=(2, 4, 6, 8), group_size: 
     counts = {b: sum(1 for v in recipe.values() if v == b) for b in candidates}
     log(f"mixed-bit recipe: {avg:.2f} bits on average over {len(keys)} layers "
         f"({', '.join(f'{c} at {b} bits' for b, c in counts.items())}), UNet output PSNR {achieved:.1f} dB "
-        f"(target {target_db} dB), {time.perf_counter() - start:.0f} s")
+        f"(target {target_db:.1f} dB), {time.perf_counter() - start:.0f} s")
     return recipe, {"unet_average_bits": avg, "psnr_db": achieved, "target_db": target_db,
-                    "layers_by_bits": counts}
+                    "layers_by_bits": counts, "uniform_psnr_db": uniform}
