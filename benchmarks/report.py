@@ -87,8 +87,11 @@ def markdown(results: dict) -> str:
 
 
 def chart(results: dict, path: Path) -> None:
-    """Horizontal bars: each engine's advantage over diffusers per figure (diffusers / engine for
-    times and memory, engine / diffusers for throughput), so longer is better and 1 is parity."""
+    """Diverging bars on a log scale: each engine's advantage over diffusers per figure (diffusers
+    / engine for times and memory, engine / diffusers for throughput). Right of the centre line
+    is better than diffusers, left is worse; bars stop at 16x."""
+    import math
+
     from PIL import Image, ImageDraw, ImageFont
 
     engines = [e for e in results["engines"] if e != "diffusers"]
@@ -100,29 +103,32 @@ def chart(results: dict, path: Path) -> None:
                   for e in engines if values.get(e)}
         data.append((label, ratios))
     font = ImageFont.load_default()
-    bar, gap, left, width = 12, 10, 230, 420
-    top = 50
-    height = top + len(data) * (len(engines) * bar + gap) + 40
-    top_ratio = max([2.0] + [r for _, ratios in data for r in ratios.values()])
-    image = Image.new("RGB", (left + width + 80, height), "white")
+    bar, gap, left, half, top, limit = 12, 10, 230, 220, 50, 4.0  # limit: log2 of 16x
+    height = top + max(len(data), 1) * (len(engines) * bar + gap) + 30
+    image = Image.new("RGB", (left + 2 * half + 60, height), "white")
     draw = ImageDraw.Draw(image)
     s = results["settings"]
-    draw.text((10, 8), f"{s['model']} {s['width']}px {s['steps']} steps {s['device']} {s['dtype']}: "
-                       "advantage over diffusers (longer is better; line = parity)", fill="black", font=font)
-    x_of = lambda r: left + int(width * min(r, top_ratio) / top_ratio)  # noqa: E731
+    draw.text((10, 8), f"{s['model']} {s['width']}px, {s['steps']} steps, {s['device']} {s['dtype']}: advantage over "
+                       "diffusers, log scale (right of the line is better)", fill="black", font=font)
+    centre = left + half
+    x_of = lambda r: centre + int(half * max(-limit, min(limit, math.log2(r))) / limit)  # noqa: E731
     for i, e in enumerate(engines):
         draw.rectangle((10 + 110 * i, 28, 20 + 110 * i, 38), fill=COLOURS.get(e, (200, 80, 0)))
         draw.text((24 + 110 * i, 27), e, fill="black", font=font)
+    for k in range(-int(limit), int(limit) + 1):
+        x = centre + int(half * k / limit)
+        draw.line((x, top - 6, x, height - 24), fill=(225, 225, 225))
+        draw.text((x - 8, height - 20), f"{2 ** k:g}x", fill="gray", font=font)
     y = top
     for label, ratios in data:
         draw.text((10, y + 2), label[:36], fill="black", font=font)
         for i, e in enumerate(engines):
             if e in ratios:
-                y0 = y + i * bar
-                draw.rectangle((left, y0, x_of(ratios[e]), y0 + bar - 2), fill=COLOURS.get(e, (200, 80, 0)))
-                draw.text((x_of(ratios[e]) + 4, y0), f"{ratios[e]:.2f}x", fill="black", font=font)
+                y0, x1 = y + i * bar, x_of(ratios[e])
+                draw.rectangle((min(centre, x1), y0, max(centre, x1), y0 + bar - 2), fill=COLOURS.get(e, (200, 80, 0)))
+                draw.text((max(centre, x1) + 4, y0), f"{ratios[e]:.2f}x", fill="black", font=font)
         y += len(engines) * bar + gap
-    draw.line((x_of(1.0), top - 4, x_of(1.0), y), fill="red", width=1)
+    draw.line((centre, top - 6, centre, height - 24), fill="red", width=1)
     image.save(path)
 
 
