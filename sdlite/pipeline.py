@@ -19,7 +19,7 @@ from PIL import Image
 
 from .clip import CLIPTextModel
 from .config import CLIPConfig, UNetConfig, VAEConfig
-from .loading import load_component, load_network, read_json
+from .loading import CheckpointError, load_component, load_network, read_json
 from .memory import OnDemand, decode_tiled, keep_at_rest, network_device, network_dtype, using
 from .samplers import SAMPLERS, default_sampler, make_plan
 from .schedules import ScheduleConfig
@@ -163,9 +163,9 @@ class StableDiffusion:
         if "text_encoder_2" in configs:
             config_2 = CLIPConfig.from_json(configs["text_encoder_2"], with_projection=True)
             second = dict(text_encoder_2=held("text_encoder_2", CLIPTextModel, config_2, dtype, compute_dtype, low_memory),
-                          tokenizer_2=CLIPTokenizer.from_folder(tokenizer_folder("tokenizer_2")))
+                          tokenizer_2=load_tokenizer(tokenizer_folder("tokenizer_2"), config_2))
         sd = cls(
-            tokenizer=CLIPTokenizer.from_folder(tokenizer_folder("tokenizer")),
+            tokenizer=load_tokenizer(tokenizer_folder("tokenizer"), text_config),
             text_encoder=text_encoder,
             unet=held("unet", UNet2DConditionModel, unet_config, dtype, compute_dtype),
             vae=held("vae", AutoencoderKL, vae_config, vae_dtype, vae_compute, low_memory),
@@ -237,7 +237,8 @@ class StableDiffusion:
     def _encode_ids(self, encoder, ids: list[list[int]]):
         """CLIPOutput of `encoder` for rows of token ids."""
         ids = torch.tensor(ids, device=self.device)
-        return encoder(ids)
+        with using(encoder) as network:
+            return network(ids)
 
     @torch.inference_mode()
     def encode_prompt_sdxl(self, prompt: str, negative_prompt: str, n_images: int, guided: bool,
@@ -340,7 +341,10 @@ class StableDiffusion:
         height: int | None = None,
         width: int | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Text to image: yield (step index, latents) after every denoising step.
+        """Text to image: a generator of (step index, latents) after every denoising step.
+
+        Settings are checked and the prompt encoded when this is called, so bad input raises here,
+        not at the first `next()`.
 
         cfg <= 1 turns classifier-free guidance off (one UNet pass per step), as in diffusers.
         """
@@ -350,7 +354,7 @@ class StableDiffusion:
                                                     (latent_h * factor, latent_w * factor))
         channels = self.unet.config.in_channels
         x = self._noise((n_images, channels, latent_h, latent_w), generator) * plan.init_noise_sigma
-        yield from self._denoise(x, plan, context, cfg, generator)
+        return self._denoise(x, plan, context, cfg, generator)
 
     def generate_latents_from_image(
         self,
@@ -367,7 +371,8 @@ class StableDiffusion:
         width: int | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Image to image: encode `image`, noise it for `strength` (0 keeps it, 1 replaces it with
-        pure noise) and denoise the remaining steps, yielding (step index, latents).
+        pure noise) and return a generator that denoises the remaining steps, yielding (step index,
+        latents). Bad input raises when this is called, as for `generate_latents`.
 
         The image is used at its own size (or resized to height x width when given); sides that
         are not multiples of 64 are cut down to one, with a warning.
@@ -384,7 +389,7 @@ class StableDiffusion:
             x0 = posterior.sample(generator).to(self.dtype) * self.vae.config.scaling_factor
         x0 = x0.repeat(n_images, 1, 1, 1)
         noise = self._noise(x0.shape, generator)
-        yield from self._denoise(plan.add_noise(x0, noise), plan, context, cfg, generator)
+        return self._denoise(plan.add_noise(x0, noise), plan, context, cfg, generator)
 
     def fit_image(self, image: Image.Image, height: int | None = None, width: int | None = None) -> Image.Image:
         """The RGB image img2img works on: resized to height x width when given, then cut down to
@@ -443,6 +448,19 @@ class StableDiffusion:
             fitted = self.fit_image(image, kwargs.get("height"), kwargs.get("width"))
             return [fitted.copy() for _ in range(kwargs.get("n_images", 1))]
         return self.decode(latents, decode_batch_size)
+
+
+def load_tokenizer(folder: Path, text_config: CLIPConfig) -> CLIPTokenizer:
+    """The tokenizer in `folder`, checked against the embedding table of the encoder it feeds."""
+    tokenizer = CLIPTokenizer.from_folder(folder)
+    largest = max(tokenizer.vocab.values())
+    if largest >= text_config.vocab_size:
+        raise CheckpointError(
+            f"{folder}: the tokenizer has ids up to {largest} but the text encoder has only "
+            f"{text_config.vocab_size} token embeddings; the folder needs the vocab.json and merges.txt "
+            "the model was trained with"
+        )
+    return tokenizer
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

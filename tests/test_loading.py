@@ -176,6 +176,21 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, reference_mode
         StableDiffusion.from_pretrained(folder)
 
 
+def test_a_tokenizer_larger_than_the_text_encoder_is_refused(tmp_path, reference_model):
+    folder = tmp_path / "model"
+    shutil.copytree(reference_model("sd1"), folder)
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["vocab_size"] = 1000
+    config_path.write_text(json.dumps(config))
+    weights_path = folder / "text_encoder" / "model.safetensors"
+    weights = load_file(weights_path)
+    weights = {k: v[:1000] if "token_embedding" in k else v for k, v in weights.items()}
+    save_file(weights, weights_path)
+    with pytest.raises(CheckpointError, match="tokenizer has ids up to 49407 but the text encoder has only 1000"):
+        StableDiffusion.from_pretrained(folder)
+
+
 def test_corrupt_weight_file_is_reported(tmp_path, reference_model):
     folder = tmp_path / "model"
     shutil.copytree(reference_model("sd1"), folder)

@@ -157,14 +157,14 @@ def test_image_sides_are_cut_to_multiples_of_64(reference_model):
 def test_bad_generation_settings_raise_clear_errors(reference_model, kwargs, message):
     sd = StableDiffusion.from_pretrained(reference_model("sd1"))
     with pytest.raises(ValueError, match=message):
-        next(sd.generate_latents(PROMPT, **kwargs))
+        sd.generate_latents(PROMPT, **kwargs)  # raised by the call, before any step runs
 
 
 @pytest.mark.parametrize("strength", [-0.1, 1.5, "0.5"])
 def test_strength_outside_unit_interval_is_refused(reference_model, strength):
     sd = StableDiffusion.from_pretrained(reference_model("sd1"))
     with pytest.raises(ValueError, match=r"strength must be a number in \[0, 1\]"):
-        next(sd.generate_latents_from_image(source_image(), PROMPT, strength=strength))
+        sd.generate_latents_from_image(source_image(), PROMPT, strength=strength)
 
 
 def test_long_prompt_is_truncated_with_a_warning(reference_model):
