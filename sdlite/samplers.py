@@ -246,6 +246,8 @@ def make_plan(sampler: str, config: ScheduleConfig, steps: int, strength: float 
 
 def _discrete_sigma(ac: torch.Tensor, t: int, final: torch.Tensor) -> torch.Tensor:
     """VE sigma at integer timestep t; t < 0 means DDIM/PNDM's final alpha (1 or alpha_bar[0])."""
+    if t >= len(ac):  # e.g. 1000 "leading" steps with steps_offset=1 (diffusers: IndexError)
+        raise ValueError(f"too many steps for this schedule: they reach timestep {t}, past the model's {len(ac)} training timesteps")
     a = ac[t] if t >= 0 else final
     return ((1 - a) / a) ** 0.5
 

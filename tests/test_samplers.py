@@ -202,3 +202,11 @@ def test_default_sampler():
     assert of(_class_name="DPMSolverMultistepScheduler", use_karras_sigmas=True) == "dpmpp_2m_karras"
     with pytest.warns(UserWarning, match="LMSDiscreteScheduler"):
         assert of(_class_name="LMSDiscreteScheduler") == "euler"
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm"])
+def test_steps_past_the_training_timesteps_are_refused(sampler):
+    config = ScheduleConfig.from_json(dict(CONFIGS["sd15"]))
+    make_plan(sampler, config, 999)
+    with pytest.raises(ValueError, match="past the model's 1000 training timesteps"):
+        make_plan(sampler, config, 1000)
