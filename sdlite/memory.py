@@ -100,6 +100,21 @@ def using(network):
         gc.collect()  # free the weights (and unmap their files) now, before the next stage
 
 
+def return_freed_memory() -> None:
+    """Have glibc serve allocations over 64 KiB by mmap, so that freed activations and per-layer
+    weights go back to the system at once. By default glibc raises this threshold as large blocks
+    are freed, then keeps freed memory in its heap: measured on SD 2.1 at 512 px, that grew the peak
+    RSS of a 6-bit jit generation by ~0.9 GB. Process-wide; low-memory mode calls it. No-op elsewhere."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (fixing it also stops its dynamic growth)
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD: give back heap tops over 1 MiB
+    except (OSError, AttributeError):
+        pass
+
+
 def decode_tiled(vae: nn.Module, z: torch.Tensor, tile: int = 32, overlap: int = 8) -> torch.Tensor:
     """Decode latents z (B, C, h, w) in overlapping `tile` x `tile` latent tiles.
 
