@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # sdlite from this checkout
 import shapes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
