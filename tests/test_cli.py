@@ -239,3 +239,15 @@ def test_png_without_metadata_is_refused(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     result = sdlite("generate", "--from-png", "plain.png", "-o", "again.png", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr == "sdlite: error: plain.png has no sdlite metadata to reproduce\n"
+
+
+def test_bundled_model_is_the_default_and_named_in_the_metadata(tmp_path):
+    result = ok(sdlite("generate", "a red circle on a blue background", "--steps", 4, "--seed", 3,
+                       "--n-images", 2, "--n-rows", 1, "-o", "shapes.png", cwd=tmp_path))
+    assert "seed: 3" in result.stdout + result.stderr
+    settings = json.loads(Path(__file__).resolve().parents[1].joinpath("sdlite/data/bundled/sdlite.json").read_text())
+    grid = Image.open(tmp_path / "shapes.png")
+    assert grid.size == (2 * SIZE, SIZE)  # the bundled model is 64x64 too
+    assert f"Model: {settings['name']}" in grid.text["parameters"]
+    ok(sdlite("generate", "--from-png", "shapes.png", "-o", "again.png", cwd=tmp_path))
+    assert same_pixels(tmp_path / "shapes.png", tmp_path / "again.png")
