@@ -210,6 +210,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / f"compression-{args.model}.json"
     previous = {r["setting"]: r for r in json.loads(results_path.read_text())["rows"]} if results_path.exists() else {}
+    previous = {k: r for k, r in previous.items() if Path(r["image"]).is_file()}  # rows of a rebuilt cache go
     images = CACHE / args.model / "images"
     images.mkdir(parents=True, exist_ok=True)
     rows = dict(previous)  # setting -> row; earlier runs' rows stay unless measured again
