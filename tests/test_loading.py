@@ -165,24 +165,22 @@ def test_from_pretrained_errors_name_the_path(tmp_path, reference_model):
         StableDiffusion.from_pretrained(folder)
 
 
+def copy_with_config(source, folder, component: str, **changes):
+    """A copy of the model folder `source` whose `component` config.json has `changes`."""
+    shutil.copytree(source, folder)
+    config_path = folder / component / "config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | changes))
+    return folder
+
+
 def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, reference_model):
-    folder = tmp_path / "model"
-    shutil.copytree(reference_model("sd1"), folder)
-    config_path = folder / "unet" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["cross_attention_dim"] = 48
-    config_path.write_text(json.dumps(config))
+    folder = copy_with_config(reference_model("sd1"), tmp_path / "model", "unet", cross_attention_dim=48)
     with pytest.raises(CheckpointError, match=r"unet.*attn2\.to_k\.weight' has shape \(\d+, 32\), the config needs \(\d+, 48\)"):
         StableDiffusion.from_pretrained(folder)
 
 
 def test_a_tokenizer_larger_than_the_text_encoder_is_refused(tmp_path, reference_model):
-    folder = tmp_path / "model"
-    shutil.copytree(reference_model("sd1"), folder)
-    config_path = folder / "text_encoder" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["vocab_size"] = 1000
-    config_path.write_text(json.dumps(config))
+    folder = copy_with_config(reference_model("sd1"), tmp_path / "model", "text_encoder", vocab_size=1000)
     weights_path = folder / "text_encoder" / "model.safetensors"
     weights = load_file(weights_path)
     weights = {k: v[:1000] if "token_embedding" in k else v for k, v in weights.items()}
