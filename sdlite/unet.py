@@ -104,6 +104,15 @@ class Transformer2DModel(nn.Module):
         return x + h
 
 
+def transformer_stack(channels: int, level: int, n: int, c: UNetConfig) -> nn.ModuleList:
+    """The `n` cross-attention transformers of a block at `level` (down-order index)."""
+    return nn.ModuleList(
+        Transformer2DModel(channels, c.num_attention_heads[level], c.transformer_layers_per_block[level], c,
+                           c.only_cross_attention[level])
+        for _ in range(n)
+    )
+
+
 class DownBlock(nn.Module):
     """CrossAttnDownBlock2D (with `attentions`) or DownBlock2D. Returns the output and the skip
     tensors (one per resnet, plus the downsampled output)."""
@@ -115,14 +124,8 @@ class DownBlock(nn.Module):
             ResnetBlock2D(cin if i == 0 else cout, cout, c.time_embed_dim, c.norm_num_groups, c.norm_eps, c.act_fn)
             for i in range(n)
         )
-        if c.down_block_types[level] == "CrossAttnDownBlock2D":
-            self.attentions = nn.ModuleList(
-                Transformer2DModel(cout, c.num_attention_heads[level], c.transformer_layers_per_block[level], c,
-                                   c.only_cross_attention[level])
-                for _ in range(n)
-            )
-        else:
-            self.attentions = None
+        cross = c.down_block_types[level] == "CrossAttnDownBlock2D"
+        self.attentions = transformer_stack(cout, level, n, c) if cross else None
         self.downsamplers = nn.ModuleList([Downsample2D(cout, c.downsample_padding)]) if add_downsample else None
 
     def forward(self, x, temb, context):
@@ -152,14 +155,8 @@ class UpBlock(nn.Module):
                           c.time_embed_dim, c.norm_num_groups, c.norm_eps, c.act_fn)
             for i in range(n)
         )
-        if c.up_block_types[level] == "CrossAttnUpBlock2D":
-            self.attentions = nn.ModuleList(
-                Transformer2DModel(cout, c.num_attention_heads[rlevel], c.transformer_layers_per_block[rlevel], c,
-                                   c.only_cross_attention[rlevel])
-                for _ in range(n)
-            )
-        else:
-            self.attentions = None
+        cross = c.up_block_types[level] == "CrossAttnUpBlock2D"
+        self.attentions = transformer_stack(cout, rlevel, n, c) if cross else None
         self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if add_upsample else None
 
     def forward(self, x, temb, context, skips: list, size=None):
