@@ -4,7 +4,7 @@ The shapes come from sdlite's own networks built on the meta device from the con
 `benchmarks/configs/` (copies of real checkpoints' json files, no weights), so no download is
 needed and diffusers, transformers and sdlite all load the result. Each tensor is drawn from its
 own seeded generator and streamed straight into a .safetensors file, so building the 5 GB
-SD 2.1 checkpoint holds one tensor in memory at a time.
+SD 2.1 (14 GB SDXL) checkpoint holds one tensor in memory at a time.
 
 Values are chosen to keep activations finite and of order one (so no engine meets NaNs or
 denormals that would distort its timings): norm weights 1 and biases 0, embeddings N(0, 0.02),
@@ -19,11 +19,15 @@ from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 CLIP_VOCAB = Path(__file__).resolve().parents[1] / "sdlite" / "data" / "clip"
-# name -> (reference config folder, overrides per component json) ; "tiny" is the quick-mode model.
+TINY_VAE = dict(block_out_channels=[16, 16, 32, 32], norm_num_groups=8, layers_per_block=1, sample_size=64)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
+# name -> (reference config folder, overrides per component json) ; the "tiny" models are for quick mode.
 MODELS = {
     "sd-2.1-base": ("sd-2.1-base", {}),
     "sd-1.5": ("sd-1.5", {}),
     "sd-2.1-768-v": ("sd-2.1-768-v", {}),
+    # The reference copy of SDXL's text_encoder_2 config lacks the "architectures" line real checkpoints have.
+    "sdxl-base-1.0": ("sdxl-base-1.0", {"text_encoder_2": {"architectures": ["CLIPTextModelWithProjection"]}}),
     "tiny": (
         "sd-2.1-base",
         {
@@ -31,9 +35,21 @@ MODELS = {
                          norm_num_groups=8, sample_size=8,
                          down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
                          up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
-            "text_encoder": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                                 projection_dim=32),
-            "vae": dict(block_out_channels=[16, 16, 32, 32], norm_num_groups=8, layers_per_block=1, sample_size=64),
+            "text_encoder": TINY_TEXT,
+            "vae": TINY_VAE,
+        },
+    ),
+    "tiny-xl": (
+        "sdxl-base-1.0",
+        {
+            "unet": dict(block_out_channels=[32, 64], attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2],
+                         cross_attention_dim=64, norm_num_groups=8, sample_size=8, addition_time_embed_dim=8,
+                         projection_class_embeddings_input_dim=32 + 6 * 8,
+                         down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                         up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"]),
+            "text_encoder": TINY_TEXT,
+            "text_encoder_2": dict(TINY_TEXT, architectures=["CLIPTextModelWithProjection"]),
+            "vae": TINY_VAE,
         },
     ),
 }
@@ -42,6 +58,7 @@ COMPONENTS = {
     "unet": ("diffusion_pytorch_model.safetensors", "UNet2DConditionModel", "UNetConfig"),
     "vae": ("diffusion_pytorch_model.safetensors", "AutoencoderKL", "VAEConfig"),
     "text_encoder": ("model.safetensors", "CLIPTextModel", "CLIPConfig"),
+    "text_encoder_2": ("model.safetensors", "CLIPTextModel", "CLIPConfig"),  # SDXL only
 }
 FORMAT_VERSION = 1  # bump when the weights' values or layout change, to rebuild cached models
 
@@ -57,7 +74,7 @@ def component_shapes(component: str, config: dict) -> dict:
     from sdlite import clip, config as configs, unet, vae
 
     _, network_name, config_name = COMPONENTS[component]
-    network_class = {"unet": unet, "vae": vae, "text_encoder": clip}[component].__dict__[network_name]
+    network_class = {"unet": unet, "vae": vae, "text_encoder": clip, "text_encoder_2": clip}[component].__dict__[network_name]
     with torch.device("meta"):
         network = network_class(getattr(configs, config_name).from_json(config))
     return {k: (tuple(v.shape), v.dtype) for k, v in network.state_dict().items()}
@@ -121,9 +138,12 @@ def build_model(name: str, cache: Path | None = None, seed: int = 0) -> Path:
         if file.is_file():
             (folder / file.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, folder / file.relative_to(source))
-    for file in ("vocab.json", "merges.txt"):
-        shutil.copy(CLIP_VOCAB / file, folder / "tokenizer" / file)
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        for file in ("vocab.json", "merges.txt") if (folder / tokenizer).is_dir() else ():
+            shutil.copy(CLIP_VOCAB / file, folder / tokenizer / file)
     for component, (weights, _, _) in COMPONENTS.items():
+        if not (folder / component).is_dir():
+            continue
         config_path = folder / component / "config.json"
         config = json.loads(config_path.read_text())
         config.update(overrides.get(component, {}))

@@ -2,6 +2,7 @@
 
     python -m benchmarks.run                         # SD 2.1-base, 256 px, 20 DDIM steps, CPU fp32
     python -m benchmarks.run --model sd-1.5 --size 512
+    python -m benchmarks.run --model sdxl-base-1.0 --size 1024 --steps 6 --batches 1
     python -m benchmarks.run --quick                 # tiny model, seconds per engine (the test runs this)
     python -m benchmarks.run --device cuda --dtype float16 --engines sdlite,diffusers
 
@@ -70,7 +71,7 @@ def resolve_device(device: str, dtype: str, cuda_available: bool | None = None) 
     return device, dtype
 
 
-def engine_skip_reason(engine: str, device: str, dtype: str) -> str | None:
+def engine_skip_reason(engine: str, device: str, dtype: str, model: str = "sd-2.1-base") -> str | None:
     """Why an engine cannot run in this configuration, or None."""
     if engine == "diffusers" and importlib.util.find_spec("diffusers") is None:
         return "diffusers is not installed (pip install -e '.[test]')"
@@ -79,6 +80,8 @@ def engine_skip_reason(engine: str, device: str, dtype: str) -> str | None:
             return "openvino is not installed (pip install -e '.[bench]')"
         if device != "cpu" or dtype != "float32":
             return "the OpenVINO engine is measured on the CPU in float32 only"
+        if model.startswith("sdxl"):
+            return "sdlite's OpenVINO backend converts SD 1.x/2.x UNets only (not SDXL's added conditioning)"
     return None
 
 
@@ -164,7 +167,7 @@ def main(argv=None) -> dict:
         results["machine"], results["unet_flops"] = probe["machine"], probe["unet_flops"]
         spec["openvino_cache"] = str(args.openvino_cache or workdir / "openvino")
         for engine in args.engines:
-            reason = engine_skip_reason(engine, device, dtype)
+            reason = engine_skip_reason(engine, device, dtype, args.model)
             if reason:
                 results["notes"].append(f"{engine} skipped: {reason}")
                 print(f"{engine}: skipped ({reason})", flush=True)

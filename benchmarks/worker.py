@@ -8,7 +8,8 @@ thing timed. Each engine is an adapter with the same five operations (load, gene
 the timers hooked on its text encoder, UNet and VAE decoder), so every figure means the same work:
 
 - sdlite:    sdlite's StableDiffusion pipeline.
-- diffusers: diffusers' StableDiffusionPipeline with the matching scheduler.
+- diffusers: diffusers' pipeline named in model_index.json (StableDiffusionPipeline or
+             StableDiffusionXLPipeline) with the matching scheduler.
 - openvino:  sdlite's pipeline with sdlite.openvino's backend: the same UNet converted with
              `openvino.convert_model` (IR cached on disk), compiled per batch at a static shape
              for the CPU in fp32; the text encoder and VAE run in torch (sdlite's).
@@ -78,42 +79,43 @@ class SdliteEngine:
         self.sd = StableDiffusion.from_pretrained(s["model"], device=s["device"], dtype=getattr(torch, s["dtype"]))
 
     def parts(self):
-        """(text encoder module, UNet module, VAE object with .decode) to hook timers on."""
-        return self.sd.text_encoder, self.sd.unet, self.sd.vae
+        """(text encoder modules, UNet module, VAE object with .decode) to hook timers on."""
+        return [m for m in (self.sd.text_encoder, self.sd.text_encoder_2) if m is not None], self.sd.unet, self.sd.vae
 
     def generate(self):
         s = self.spec
         return self.sd.text_to_image(s["prompt"], negative_prompt=s["negative_prompt"], steps=s["steps"], cfg=s["cfg"],
                                      seed=s["seed"], sampler=s["sampler"], height=s["height"], width=s["width"])
 
-    def unet(self, x, t, context):
-        return self.sd.unet(x, t, context)
-
-    @property
-    def context_dim(self):
-        return self.sd.unet.config.cross_attention_dim
+    def unet(self, x, t, context, added_cond):
+        return self.sd.unet(x, t, context, added_cond)
 
 
 class DiffusersEngine(SdliteEngine):
     def import_(self):
         import torch  # noqa: F401
-        from diffusers import StableDiffusionPipeline  # noqa: F401
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
 
     def load(self):
+        import inspect
+        from pathlib import Path
+
         import diffusers
         import torch
 
         s = self.spec
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            s["model"], torch_dtype=getattr(torch, s["dtype"]), safety_checker=None, requires_safety_checker=False
-        ).to(s["device"])
+        pipeline_class = getattr(diffusers, json.loads((Path(s["model"]) / "model_index.json").read_text())["_class_name"])
+        has_checker = "safety_checker" in inspect.signature(pipeline_class).parameters  # SD 1/2, not SDXL
+        extra = dict(safety_checker=None, requires_safety_checker=False) if has_checker else {}
+        pipe = pipeline_class.from_pretrained(s["model"], torch_dtype=getattr(torch, s["dtype"]), **extra).to(s["device"])
         name, overrides = DIFFUSERS_SCHEDULERS[s["sampler"]]
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
 
     def parts(self):
-        return self.pipe.text_encoder, self.pipe.unet, self.pipe.vae
+        encoders = [getattr(self.pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+        return [m for m in encoders if m is not None], self.pipe.unet, self.pipe.vae
 
     def generate(self):
         import torch
@@ -123,12 +125,8 @@ class DiffusersEngine(SdliteEngine):
                          guidance_scale=s["cfg"], height=s["height"], width=s["width"],
                          generator=torch.Generator("cpu").manual_seed(s["seed"])).images
 
-    def unet(self, x, t, context):
-        return self.pipe.unet(x, t, encoder_hidden_states=context).sample
-
-    @property
-    def context_dim(self):
-        return self.pipe.unet.config.cross_attention_dim
+    def unet(self, x, t, context, added_cond):
+        return self.pipe.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added_cond).sample
 
 
 class OpenVINOEngine(SdliteEngine):
@@ -148,8 +146,27 @@ class OpenVINOEngine(SdliteEngine):
         use_openvino(self.sd, s["height"], s["width"], cache_dir=s["openvino_cache"], threads=s["threads"])
         self.timings = {"convert_s": time.perf_counter() - t0, "converted": self.sd.unet.converted}
 
-    def unet(self, x, t, context):
-        return self.sd.unet(x, t, context)
+def unet_inputs(spec: dict, batch: int, device: str, generator=None) -> tuple:
+    """Random (latents, text states, SDXL added conditioning or None) for one UNet call on `batch`
+    samples at the benchmark's size, shaped from the model's unet/config.json."""
+    from pathlib import Path
+
+    import torch
+
+    config = json.loads((Path(spec["model"]) / "unet" / "config.json").read_text())
+    dtype = getattr(torch, spec["dtype"])
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype).to(device)
+
+    h, w = spec["height"] // 8, spec["width"] // 8
+    x, context = randn(batch, config["in_channels"], h, w), randn(batch, 77, config["cross_attention_dim"])
+    added_cond = None
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text embedding + size/crop ids
+        time_ids = torch.tensor([[spec["height"], spec["width"], 0, 0, spec["height"], spec["width"]]], dtype=dtype)
+        pooled_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        added_cond = {"text_embeds": randn(batch, pooled_dim), "time_ids": time_ids.repeat(batch, 1).to(device)}
+    return x, context, added_cond
 
 
 def probe(spec: dict) -> dict:
@@ -157,7 +174,6 @@ def probe(spec: dict) -> dict:
     (counted once by FlopCounterMode on sdlite's UNet built on the meta device, so no memory and
     no time is spent) and the matmul peak (best of repeated square GEMMs) in the benchmark's
     dtype, device and thread count."""
-    import json as json_
     from pathlib import Path
 
     import torch
@@ -167,17 +183,15 @@ def probe(spec: dict) -> dict:
     from sdlite.unet import UNet2DConditionModel
 
     torch.set_num_threads(spec["threads"])
-    config = UNetConfig.from_json(json_.loads((Path(spec["model"]) / "unet" / "config.json").read_text()))
-    h, w = spec["height"] // 8, spec["width"] // 8
+    config = UNetConfig.from_json(json.loads((Path(spec["model"]) / "unet" / "config.json").read_text()))
     flops = {}
     with torch.device("meta"):
         unet = UNet2DConditionModel(config)
-        for n in spec["batches"]:
-            batch = 2 * n if spec["cfg"] > 1 else n
-            with FlopCounterMode(display=False) as counter:
-                unet(torch.empty(batch, config.in_channels, h, w), torch.tensor(500.0),
-                     torch.empty(batch, 77, config.cross_attention_dim))
-            flops[n] = counter.get_total_flops()
+    for n in spec["batches"]:
+        x, context, added_cond = unet_inputs(spec, 2 * n if spec["cfg"] > 1 else n, "meta")
+        with FlopCounterMode(display=False) as counter:
+            unet(x, torch.tensor(500.0, device="meta"), context, added_cond)
+        flops[n] = counter.get_total_flops()
     dtype, device = getattr(torch, spec["dtype"]), spec["device"]
     clock = Clock(device)
     best = 0.0
@@ -245,9 +259,10 @@ def main(spec_path: str, result_path: str) -> None:
     result["cold_start_s"] = time.time() - spec["spawned"]  # process spawn -> model ready
     result["rss_after_load_mb"] = peak_rss_mb()
 
-    text, unet, vae = engine.parts()
+    text_encoders, unet, vae = engine.parts()
     times = {"text": [], "unet": [], "vae": []}
-    clock.wrap(text, "forward", times["text"])
+    for text in text_encoders:
+        clock.wrap(text, "forward", times["text"])
     clock.wrap(unet, "forward", times["unet"])
     clock.wrap(vae, "decode", times["vae"])
     with torch.inference_mode():
@@ -267,22 +282,18 @@ def main(spec_path: str, result_path: str) -> None:
     images[0].save(spec["image"])
 
     # UNet throughput: n images with CFG is one UNet call on a batch of 2n.
-    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
-    h, w = spec["height"] // 8, spec["width"] // 8
     throughput = {}
     for n in spec["batches"]:
         batch = 2 * n if spec["cfg"] > 1 else n
         if batch == len(images) * (2 if spec["cfg"] > 1 else 1):
             throughput[n] = n / result["unet_step_s"]  # the shape the generation just ran
             continue
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, 4, h, w, generator=gen, dtype=dtype).to(device)
-        context = torch.randn(batch, 77, engine.context_dim, generator=gen, dtype=dtype).to(device)
+        x, context, added_cond = unet_inputs(spec, batch, spec["device"], torch.Generator().manual_seed(0))
         calls = []
         with torch.inference_mode():
             for _ in range(1 + spec["reps"]):  # the first call warms up
                 t0 = clock.now()
-                engine.unet(x, torch.tensor(500.0), context)
+                engine.unet(x, torch.tensor(500.0), context, added_cond)
                 calls.append(clock.now() - t0)
         calls = sorted(calls[1:])
         throughput[n] = n / calls[len(calls) // 2]

@@ -3,6 +3,7 @@ that a CPU-only machine can check (device/dtype selection, full-size model shape
 
 import importlib.util
 import json
+import math
 
 import pytest
 
@@ -10,22 +11,21 @@ from benchmarks import models, run
 
 
 def test_reference_model_sizes_match_the_real_checkpoints():
-    # Parameter counts of the real checkpoints (shared/README): the random models have their shapes.
-    expected = {"sd-2.1-base": (865.9, 340.4, 83.7), "sd-1.5": (859.5, 123.1, 83.7)}
-    for name, (unet, text, vae) in expected.items():
+    # Parameter counts (millions) of the real checkpoints: the random models have their shapes.
+    expected = {
+        "sd-2.1-base": {"unet": 865.9, "text_encoder": 340.4, "vae": 83.7},
+        "sd-1.5": {"unet": 859.5, "text_encoder": 123.1, "vae": 83.7},
+        "sdxl-base-1.0": {"unet": 2567.5, "text_encoder": 123.1, "text_encoder_2": 694.7, "vae": 83.7},
+    }
+    for name, components in expected.items():
         folder = models.CONFIGS / models.MODELS[name][0]
-        counts = []
-        for component in ("unet", "text_encoder", "vae"):
+        counts = {}
+        for component in components:
             config = json.loads((folder / component / "config.json").read_text())
-            shapes = models.component_shapes(component, config)
-            n = 0
-            for shape, _ in shapes.values():
-                size = 1
-                for d in shape:
-                    size *= d
-                n += size
-            counts.append(round(n / 1e6, 1))
-        assert counts == [unet, text, vae], name
+            config.update(models.MODELS[name][1].get(component, {}))
+            counts[component] = round(sum(math.prod(shape) for shape, _ in
+                                          models.component_shapes(component, config).values()) / 1e6, 1)
+        assert counts == components, name
 
 
 def test_device_and_dtype_selection():
@@ -65,3 +65,15 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert "| UNet step (median) |" in table and "x) |" in table  # ratios to diffusers
     assert (tmp_path / "quick.png").stat().st_size > 1000
     assert json.loads((tmp_path / "quick.json").read_text())["settings"]["model"] == "tiny"
+
+
+def test_quick_sdxl_benchmark_end_to_end(tmp_path):
+    # SDXL's UNet takes added conditioning and its pipeline two text encoders; OpenVINO is skipped.
+    pytest.importorskip("diffusers")
+    results = run.main(["--quick", "--model", "tiny-xl", "--batches", "1", "--cache", str(tmp_path / "cache"),
+                        "--out", str(tmp_path), "--name", "quick-xl"])
+    assert sorted(results["engines"]) == ["diffusers", "sdlite"], results["notes"]
+    for name, r in results["engines"].items():
+        assert r["text_encoding_s"] > 0 and r["unet_step_s"] > 0, name
+        assert r["max_pixel_diff_vs_diffusers"] <= 3, name
+    assert results["unet_flops"]["1"] > 0
