@@ -20,7 +20,7 @@ from PIL import Image
 from .clip import CLIPTextModel
 from .config import CLIPConfig, UNetConfig, VAEConfig
 from .loading import CheckpointError, load_component, load_network, read_json
-from .memory import OnDemand, decode_tiled, keep_at_rest, network_device, network_dtype, return_freed_memory, using
+from .memory import OnDemand, decode_tiled, keep_at_rest, network_device, network_dtype, set_malloc_policy, using
 from .samplers import SAMPLERS, default_sampler, make_plan
 from .schedules import ScheduleConfig
 from .tokenizer import CLIPTokenizer
@@ -181,7 +181,8 @@ class StableDiffusion:
         sd.long_prompts = long_prompts
         if low_memory:
             sd.vae_tile_size = 32
-            return_freed_memory()
+        if sd.device.type == "cpu":
+            set_malloc_policy(low_memory)
         return sd
 
     # -- LoRA -----------------------------------------------------------------------------------
