@@ -464,12 +464,12 @@ def generation_kwargs(s: Settings, **changes) -> dict:
 
 
 def progress(total: int, out: Output):
-    """A progress bar on stderr. It first shows when a step is done (a positive `delay`), so that an
-    argument the library rejects before the first step leaves the one-line error alone."""
+    """A progress bar on stderr, shown from the start: the library checks its arguments before it
+    returns the step generator, so a rejected argument leaves its one-line error alone."""
     from tqdm import tqdm
 
     return tqdm(total=total, file=sys.stderr, disable=out.quiet or total == 0, unit="step", dynamic_ncols=True,
-                delay=1e-3, mininterval=0,
+                mininterval=0,
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}]")
 
 
