@@ -9,7 +9,7 @@ noise, then any ancestral noise — so a seed gives the reference implementation
 import math
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,40 +109,8 @@ class StableDiffusion:
         tiles of `vae_tile_size` latents). Palettized folders (`sdlite compress`) rebuild each
         weight just before use (`palettized_mode="jit"`) or unpack them all at load ("fast")."""
         path = BUNDLED_MODEL if path is None else Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"model folder not found: {path} (nor a single-file checkpoint of that name)")
-        if path.is_file():
-            from .single_file import read_single_file
-
-            checkpoint = read_single_file(path, allow_pickle=allow_pickle, prediction_type=prediction_type)
-            configs = checkpoint.configs
-            tokenizer_folder = checkpoint.folder
-            defaults = Defaults(name=path.stem)
-
-            def load(component, network_class, config, dtype, compute):
-                with torch.device("meta"):
-                    network = network_class(config)
-                network = load_network(network, checkpoint.weights[component], f"{path} ({component})", dtype, device)
-                return keep_at_rest(network, compute) if compute != dtype else network
-        else:
-            if not (path / "model_index.json").is_file():
-                raise FileNotFoundError(f"{path} is not a diffusers-layout model folder (no model_index.json)")
-            configs = {"model_index": read_json(path / "model_index.json"),
-                       "scheduler": read_json(path / "scheduler" / "scheduler_config.json")}
-            for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
-                if component == "text_encoder_2" and not (path / component).is_dir():
-                    continue
-                configs[component] = read_json(path / component / "config.json")
-            if prediction_type is not None:
-                configs["scheduler"] = dict(configs["scheduler"], prediction_type=prediction_type)
-            tokenizer_folder = path.joinpath
-            defaults = read_defaults(path / "sdlite.json")
-
-            def load(component, network_class, config, dtype, compute):
-                return load_component(network_class, config, path / component, dtype, device=device,
-                                      allow_pickle=allow_pickle, compute_dtype=compute,
-                                      palettized_mode=palettized_mode)
-
+        source = open_checkpoint(path, device, allow_pickle, prediction_type, palettized_mode)
+        configs = source.configs
         unet_config = UNetConfig.from_json(configs["unet"])
         vae_config = VAEConfig.from_json(configs["vae"])
         schedule = ScheduleConfig.from_json(configs["scheduler"])
@@ -154,8 +122,9 @@ class StableDiffusion:
         def held(component, network_class, config, dtype, compute, on_demand=False):
             """The network, or with `on_demand` (low_memory) a loader called at each use."""
             if on_demand:
-                return OnDemand(lambda: load(component, network_class, config, dtype, compute), config, compute, device)
-            return load(component, network_class, config, dtype, compute)
+                return OnDemand(lambda: source.load(component, network_class, config, dtype, compute), config, compute,
+                                device)
+            return source.load(component, network_class, config, dtype, compute)
 
         text_config = CLIPConfig.from_json(configs["text_encoder"])
         text_encoder = held("text_encoder", CLIPTextModel, text_config, dtype, compute_dtype, low_memory)
@@ -163,14 +132,14 @@ class StableDiffusion:
         if "text_encoder_2" in configs:
             config_2 = CLIPConfig.from_json(configs["text_encoder_2"], with_projection=True)
             second = dict(text_encoder_2=held("text_encoder_2", CLIPTextModel, config_2, dtype, compute_dtype, low_memory),
-                          tokenizer_2=load_tokenizer(tokenizer_folder("tokenizer_2"), config_2))
+                          tokenizer_2=load_tokenizer(source.tokenizer_folder("tokenizer_2"), config_2))
         sd = cls(
-            tokenizer=load_tokenizer(tokenizer_folder("tokenizer"), text_config),
+            tokenizer=load_tokenizer(source.tokenizer_folder("tokenizer"), text_config),
             text_encoder=text_encoder,
             unet=held("unet", UNet2DConditionModel, unet_config, dtype, compute_dtype),
             vae=held("vae", AutoencoderKL, vae_config, vae_dtype, vae_compute, low_memory),
             schedule=schedule,
-            defaults=defaults,
+            defaults=source.defaults,
             path=path,
             force_zeros_for_empty_prompt=configs["model_index"].get("force_zeros_for_empty_prompt", False),
             **second,
@@ -450,6 +419,53 @@ class StableDiffusion:
             fitted = self.fit_image(image, kwargs.get("height"), kwargs.get("width"))
             return [fitted.copy() for _ in range(kwargs.get("n_images", 1))]
         return self.decode(latents, decode_batch_size)
+
+
+@dataclass
+class CheckpointSource:
+    """Where a model's parts come from: its component configs, its tokenizer folders, its default
+    settings, and `load(component, network_class, config, dtype, compute_dtype)` for its networks."""
+
+    configs: dict
+    tokenizer_folder: Callable[[str], Path]
+    defaults: Defaults
+    load: Callable[..., torch.nn.Module]
+
+
+def open_checkpoint(path: Path, device, allow_pickle: bool, prediction_type: str | None,
+                    palettized_mode: str) -> CheckpointSource:
+    """A single-file checkpoint or a diffusers-layout folder, with what `from_pretrained` needs of it."""
+    if not path.exists():
+        raise FileNotFoundError(f"model folder not found: {path} (nor a single-file checkpoint of that name)")
+    if path.is_file():
+        from .single_file import read_single_file
+
+        checkpoint = read_single_file(path, allow_pickle=allow_pickle, prediction_type=prediction_type)
+
+        def load_from_file(component, network_class, config, dtype, compute):
+            with torch.device("meta"):
+                network = network_class(config)
+            network = load_network(network, checkpoint.weights[component], f"{path} ({component})", dtype, device)
+            return keep_at_rest(network, compute) if compute != dtype else network
+
+        return CheckpointSource(checkpoint.configs, checkpoint.folder, Defaults(name=path.stem), load_from_file)
+
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers-layout model folder (no model_index.json)")
+    configs = {"model_index": read_json(path / "model_index.json"),
+               "scheduler": read_json(path / "scheduler" / "scheduler_config.json")}
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if component == "text_encoder_2" and not (path / component).is_dir():
+            continue
+        configs[component] = read_json(path / component / "config.json")
+    if prediction_type is not None:
+        configs["scheduler"] = dict(configs["scheduler"], prediction_type=prediction_type)
+
+    def load_from_folder(component, network_class, config, dtype, compute):
+        return load_component(network_class, config, path / component, dtype, device=device,
+                              allow_pickle=allow_pickle, compute_dtype=compute, palettized_mode=palettized_mode)
+
+    return CheckpointSource(configs, path.joinpath, read_defaults(path / "sdlite.json"), load_from_folder)
 
 
 def load_tokenizer(folder: Path, text_config: CLIPConfig) -> CLIPTokenizer:
