@@ -74,7 +74,8 @@ def component_shapes(component: str, config: dict) -> dict:
     from sdlite import clip, config as configs, unet, vae
 
     _, network_name, config_name = COMPONENTS[component]
-    network_class = {"unet": unet, "vae": vae, "text_encoder": clip, "text_encoder_2": clip}[component].__dict__[network_name]
+    module = {"unet": unet, "vae": vae, "text_encoder": clip, "text_encoder_2": clip}[component]
+    network_class = getattr(module, network_name)
     with torch.device("meta"):
         network = network_class(getattr(configs, config_name).from_json(config))
     return {k: (tuple(v.shape), v.dtype) for k, v in network.state_dict().items()}

@@ -17,7 +17,8 @@ METRICS = [
     ("peak_rss_mb", "peak RSS", "MB", True),
     ("peak_gpu_mb", "peak GPU memory", "MB", True),
 ]
-COLOURS = {"sdlite": (46, 125, 50), "diffusers": (120, 120, 120), "openvino": (21, 101, 192)}
+COLOURS = {"sdlite": (46, 125, 50), "sdlite-low-memory": (129, 199, 132), "diffusers": (120, 120, 120),
+           "openvino": (21, 101, 192)}
 
 
 def rows(results: dict) -> list[tuple[str, str, bool, dict]]:

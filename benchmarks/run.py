@@ -46,7 +46,8 @@ from .report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-ENGINES = ("sdlite", "diffusers", "openvino")
+ENGINES = ("sdlite", "sdlite-low-memory", "diffusers", "openvino")
+DEFAULT_ENGINES = ("sdlite", "diffusers", "openvino")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -71,7 +72,7 @@ def resolve_device(device: str, dtype: str, cuda_available: bool | None = None) 
     return device, dtype
 
 
-def engine_skip_reason(engine: str, device: str, dtype: str, model: str = "sd-2.1-base") -> str | None:
+def engine_skip_reason(engine: str, device: str, dtype: str, sdxl: bool = False) -> str | None:
     """Why an engine cannot run in this configuration, or None."""
     if engine == "diffusers" and importlib.util.find_spec("diffusers") is None:
         return "diffusers is not installed (pip install -e '.[test]')"
@@ -80,7 +81,7 @@ def engine_skip_reason(engine: str, device: str, dtype: str, model: str = "sd-2.
             return "openvino is not installed (pip install -e '.[bench]')"
         if device != "cpu" or dtype != "float32":
             return "the OpenVINO engine is measured on the CPU in float32 only"
-        if model.startswith("sdxl"):
+        if sdxl:
             return "sdlite's OpenVINO backend converts SD 1.x/2.x UNets only (not SDXL's added conditioning)"
     return None
 
@@ -114,7 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
+    parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                        help="comma-separated subset of " + ",".join(ENGINES))
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:n] or auto")
     parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for every engine")
@@ -149,6 +151,7 @@ def main(argv=None) -> dict:
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(f"building / finding the {args.model} model ...", flush=True)
     model = build_model(args.model, args.cache)
+    sdxl = json.loads((model / "unet" / "config.json").read_text()).get("addition_embed_type") == "text_time"
     spec = dict(model=str(model), device=device, dtype=dtype, height=args.size, width=args.size, steps=args.steps,
                 sampler=args.sampler, cfg=args.cfg, seed=args.seed, threads=args.threads, batches=args.batches,
                 reps=args.reps, prompt="a lighthouse on a cliff at dusk, oil painting", negative_prompt="blurry",
@@ -167,7 +170,7 @@ def main(argv=None) -> dict:
         results["machine"], results["unet_flops"] = probe["machine"], probe["unet_flops"]
         spec["openvino_cache"] = str(args.openvino_cache or workdir / "openvino")
         for engine in args.engines:
-            reason = engine_skip_reason(engine, device, dtype, args.model)
+            reason = engine_skip_reason(engine, device, dtype, sdxl)
             if reason:
                 results["notes"].append(f"{engine} skipped: {reason}")
                 print(f"{engine}: skipped ({reason})", flush=True)

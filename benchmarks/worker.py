@@ -8,6 +8,8 @@ thing timed. Each engine is an adapter with the same five operations (load, gene
 the timers hooked on its text encoder, UNet and VAE decoder), so every figure means the same work:
 
 - sdlite:    sdlite's StableDiffusion pipeline.
+- sdlite-low-memory: the same with low_memory=True: the text encoder is loaded for each encoding
+             and the VAE for each decoding (so their timings include loading them).
 - diffusers: diffusers' pipeline named in model_index.json (StableDiffusionPipeline or
              StableDiffusionXLPipeline) with the matching scheduler.
 - openvino:  sdlite's pipeline with sdlite.openvino's backend: the same UNet converted with
@@ -79,8 +81,11 @@ class SdliteEngine:
         self.sd = StableDiffusion.from_pretrained(s["model"], device=s["device"], dtype=getattr(torch, s["dtype"]))
 
     def parts(self):
-        """(text encoder modules, UNet module, VAE object with .decode) to hook timers on."""
-        return [m for m in (self.sd.text_encoder, self.sd.text_encoder_2) if m is not None], self.sd.unet, self.sd.vae
+        """{"text" | "unet" | "vae": [(object, method name)]}: the calls whose durations are summed as
+        text encoding, UNet steps and VAE decoding."""
+        encoders = [m for m in (self.sd.text_encoder, self.sd.text_encoder_2) if m is not None]
+        return {"text": [(m, "forward") for m in encoders], "unet": [(self.sd.unet, "forward")],
+                "vae": [(self.sd.vae, "decode")]}
 
     def generate(self):
         s = self.spec
@@ -104,10 +109,12 @@ class DiffusersEngine(SdliteEngine):
         import torch
 
         s = self.spec
-        pipeline_class = getattr(diffusers, json.loads((Path(s["model"]) / "model_index.json").read_text())["_class_name"])
+        index = json.loads((Path(s["model"]) / "model_index.json").read_text())
+        pipeline_class = getattr(diffusers, index["_class_name"])  # StableDiffusion(XL)Pipeline
         has_checker = "safety_checker" in inspect.signature(pipeline_class).parameters  # SD 1/2, not SDXL
         extra = dict(safety_checker=None, requires_safety_checker=False) if has_checker else {}
-        pipe = pipeline_class.from_pretrained(s["model"], torch_dtype=getattr(torch, s["dtype"]), **extra).to(s["device"])
+        pipe = pipeline_class.from_pretrained(s["model"], torch_dtype=getattr(torch, s["dtype"]), **extra)
+        pipe = pipe.to(s["device"])
         name, overrides = DIFFUSERS_SCHEDULERS[s["sampler"]]
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
         pipe.set_progress_bar_config(disable=True)
@@ -115,7 +122,8 @@ class DiffusersEngine(SdliteEngine):
 
     def parts(self):
         encoders = [getattr(self.pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
-        return [m for m in encoders if m is not None], self.pipe.unet, self.pipe.vae
+        return {"text": [(m, "forward") for m in encoders if m is not None], "unet": [(self.pipe.unet, "forward")],
+                "vae": [(self.pipe.vae, "decode")]}
 
     def generate(self):
         import torch
@@ -127,6 +135,22 @@ class DiffusersEngine(SdliteEngine):
 
     def unet(self, x, t, context, added_cond):
         return self.pipe.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added_cond).sample
+
+
+class SdliteLowMemoryEngine(SdliteEngine):
+    def load(self):
+        import torch
+
+        from sdlite import StableDiffusion
+
+        s = self.spec
+        self.sd = StableDiffusion.from_pretrained(s["model"], device=s["device"], dtype=getattr(torch, s["dtype"]),
+                                                  low_memory=True)
+
+    def parts(self):
+        # The text encoders and the VAE exist only while used: time the pipeline calls that load and run them.
+        return {"text": [(self.sd, "encode_prompt_sdxl" if self.sd.text_encoder_2 else "encode_prompt")],
+                "unet": [(self.sd.unet, "forward")], "vae": [(self.sd, "decode")]}
 
 
 class OpenVINOEngine(SdliteEngine):
@@ -232,7 +256,8 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-ENGINES = {"sdlite": SdliteEngine, "diffusers": DiffusersEngine, "openvino": OpenVINOEngine}
+ENGINES = {"sdlite": SdliteEngine, "sdlite-low-memory": SdliteLowMemoryEngine, "diffusers": DiffusersEngine,
+           "openvino": OpenVINOEngine}
 
 
 def main(spec_path: str, result_path: str) -> None:
@@ -259,12 +284,10 @@ def main(spec_path: str, result_path: str) -> None:
     result["cold_start_s"] = time.time() - spec["spawned"]  # process spawn -> model ready
     result["rss_after_load_mb"] = peak_rss_mb()
 
-    text_encoders, unet, vae = engine.parts()
     times = {"text": [], "unet": [], "vae": []}
-    for text in text_encoders:
-        clock.wrap(text, "forward", times["text"])
-    clock.wrap(unet, "forward", times["unet"])
-    clock.wrap(vae, "decode", times["vae"])
+    for part, calls in engine.parts().items():
+        for obj, method in calls:
+            clock.wrap(obj, method, times[part])
     with torch.inference_mode():
         t0 = clock.now()
         images = engine.generate()

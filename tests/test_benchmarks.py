@@ -68,11 +68,14 @@ def test_quick_benchmark_end_to_end(tmp_path):
 
 
 def test_quick_sdxl_benchmark_end_to_end(tmp_path):
-    # SDXL's UNet takes added conditioning and its pipeline two text encoders; OpenVINO is skipped.
+    # SDXL's UNet takes added conditioning and its pipeline two text encoders (the low-memory engine
+    # loads them per encoding); OpenVINO is skipped.
     pytest.importorskip("diffusers")
     results = run.main(["--quick", "--model", "tiny-xl", "--batches", "1", "--cache", str(tmp_path / "cache"),
-                        "--out", str(tmp_path), "--name", "quick-xl"])
-    assert sorted(results["engines"]) == ["diffusers", "sdlite"], results["notes"]
+                        "--out", str(tmp_path), "--name", "quick-xl",
+                        "--engines", "sdlite,sdlite-low-memory,diffusers,openvino"])
+    assert sorted(results["engines"]) == ["diffusers", "sdlite", "sdlite-low-memory"], results["notes"]
+    assert any(n.startswith("openvino skipped") for n in results["notes"])
     for name, r in results["engines"].items():
         assert r["text_encoding_s"] > 0 and r["unet_step_s"] > 0, name
         assert r["max_pixel_diff_vs_diffusers"] <= 3, name
