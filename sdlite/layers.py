@@ -3,9 +3,9 @@ prepacked oneDNN weights, multi-head attention (SDPA), the resnet, down- and ups
 blocks, the sinusoidal timestep embedding and the activation table. Weight names follow
 diffusers'.
 
-Convolutions stay plain nn.Conv2d: once `sdlite.memory.set_malloc_policy` has removed the page faults of
-oneDNN's per-call weight buffers, they ran the SD 2.1 UNet faster than prepacked ones, whose
-channels-last outputs need a copy back to NCHW (2.04 vs 2.2 s per step at 256 px, batch 2)."""
+Convolutions stay plain nn.Conv2d: once `sdlite.memory.set_malloc_policy` has removed the page
+faults of oneDNN's per-call weight buffers, they ran the SD 2.1 UNet faster than prepacked ones,
+whose channels-last outputs need a copy back to NCHW (2.04 vs 2.2 s per step at 256 px, batch 2)."""
 
 import math
 import weakref
