@@ -26,8 +26,7 @@ MODELS = {
     "sd-2.1-base": ("sd-2.1-base", {}),
     "sd-1.5": ("sd-1.5", {}),
     "sd-2.1-768-v": ("sd-2.1-768-v", {}),
-    # The reference copy of SDXL's text_encoder_2 config lacks the "architectures" line real checkpoints have.
-    "sdxl-base-1.0": ("sdxl-base-1.0", {"text_encoder_2": {"architectures": ["CLIPTextModelWithProjection"]}}),
+    "sdxl-base-1.0": ("sdxl-base-1.0", {}),
     "tiny": (
         "sd-2.1-base",
         {
@@ -48,7 +47,7 @@ MODELS = {
                          down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                          up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"]),
             "text_encoder": TINY_TEXT,
-            "text_encoder_2": dict(TINY_TEXT, architectures=["CLIPTextModelWithProjection"]),
+            "text_encoder_2": TINY_TEXT,
             "vae": TINY_VAE,
         },
     ),

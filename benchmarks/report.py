@@ -113,9 +113,11 @@ def chart(results: dict, path: Path) -> None:
                        "diffusers, log scale (right of the line is better)", fill="black", font=font)
     centre = left + half
     x_of = lambda r: centre + int(half * max(-limit, min(limit, math.log2(r))) / limit)  # noqa: E731
-    for i, e in enumerate(engines):
-        draw.rectangle((10 + 110 * i, 28, 20 + 110 * i, 38), fill=COLOURS.get(e, (200, 80, 0)))
-        draw.text((24 + 110 * i, 27), e, fill="black", font=font)
+    x = 10
+    for e in engines:
+        draw.rectangle((x, 28, x + 10, 38), fill=COLOURS.get(e, (200, 80, 0)))
+        draw.text((x + 14, 27), e, fill="black", font=font)
+        x += 30 + int(draw.textlength(e, font=font))
     for k in range(-int(limit), int(limit) + 1):
         x = centre + int(half * k / limit)
         draw.line((x, top - 6, x, height - 24), fill=(225, 225, 225))

@@ -18,9 +18,10 @@ classifier-free guidance, i.e. the UNet runs on a batch of 2):
     import          importing the engine (torch included) in a fresh interpreter
     load            from_pretrained (for OpenVINO: plus conversion and compilation)
     cold start      process spawn to model ready (interpreter + import + load)
-    text encoding   the text encoder's calls during the generation
+    text encoding   the text encoder's calls during the generation (sdlite-low-memory: the
+                    prompt encoding calls, which load the text encoder(s) each time)
     UNet first step the first UNet call; UNet step: the median of the others
-    VAE decode      the VAE decoder's calls
+    VAE decode      the VAE decoder's calls (sdlite-low-memory: `decode`, loading the VAE)
     end to end      the whole text-to-image call (tokenising to PIL image)
     peak RSS        the process's peak resident memory after the generation
     GFLOP/s         UNet FLOPs per call / median step time, and its fraction of the matmul peak
@@ -148,10 +149,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device, dtype = resolve_device(args.device, args.dtype)
-    command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = ("python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
     print(f"building / finding the {args.model} model ...", flush=True)
     model = build_model(args.model, args.cache)
-    sdxl = json.loads((model / "unet" / "config.json").read_text()).get("addition_embed_type") == "text_time"
+    sdxl = json.loads((model / "unet" / "config.json").read_text()).get("addition_embed_type") is not None
     spec = dict(model=str(model), device=device, dtype=dtype, height=args.size, width=args.size, steps=args.steps,
                 sampler=args.sampler, cfg=args.cfg, seed=args.seed, threads=args.threads, batches=args.batches,
                 reps=args.reps, prompt="a lighthouse on a cliff at dusk, oil painting", negative_prompt="blurry",

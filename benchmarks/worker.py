@@ -64,6 +64,8 @@ class Clock:
 
 
 class SdliteEngine:
+    low_memory = False
+
     def __init__(self, spec):
         self.spec = spec
 
@@ -78,7 +80,8 @@ class SdliteEngine:
         from sdlite import StableDiffusion
 
         s = self.spec
-        self.sd = StableDiffusion.from_pretrained(s["model"], device=s["device"], dtype=getattr(torch, s["dtype"]))
+        self.sd = StableDiffusion.from_pretrained(s["model"], device=s["device"], dtype=getattr(torch, s["dtype"]),
+                                                  low_memory=self.low_memory)
 
     def parts(self):
         """{"text" | "unet" | "vae": [(object, method name)]}: the calls whose durations are summed as
@@ -98,19 +101,24 @@ class SdliteEngine:
 
 class DiffusersEngine(SdliteEngine):
     def import_(self):
+        """torch and the pipeline class model_index.json names (StableDiffusion(XL)Pipeline): only
+        what loading this model imports, as diffusers imports its modules lazily."""
+        from pathlib import Path
+
+        import diffusers
         import torch  # noqa: F401
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
+
+        index = json.loads((Path(self.spec["model"]) / "model_index.json").read_text())
+        self.pipeline_class = getattr(diffusers, index["_class_name"])
 
     def load(self):
         import inspect
-        from pathlib import Path
 
         import diffusers
         import torch
 
         s = self.spec
-        index = json.loads((Path(s["model"]) / "model_index.json").read_text())
-        pipeline_class = getattr(diffusers, index["_class_name"])  # StableDiffusion(XL)Pipeline
+        pipeline_class = self.pipeline_class
         has_checker = "safety_checker" in inspect.signature(pipeline_class).parameters  # SD 1/2, not SDXL
         extra = dict(safety_checker=None, requires_safety_checker=False) if has_checker else {}
         pipe = pipeline_class.from_pretrained(s["model"], torch_dtype=getattr(torch, s["dtype"]), **extra)
@@ -138,18 +146,13 @@ class DiffusersEngine(SdliteEngine):
 
 
 class SdliteLowMemoryEngine(SdliteEngine):
-    def load(self):
-        import torch
-
-        from sdlite import StableDiffusion
-
-        s = self.spec
-        self.sd = StableDiffusion.from_pretrained(s["model"], device=s["device"], dtype=getattr(torch, s["dtype"]),
-                                                  low_memory=True)
+    low_memory = True
 
     def parts(self):
-        # The text encoders and the VAE exist only while used: time the pipeline calls that load and run them.
-        return {"text": [(self.sd, "encode_prompt_sdxl" if self.sd.text_encoder_2 else "encode_prompt")],
+        # The text encoders and the VAE exist only while used: time the pipeline calls that load
+        # and run them (the VAE's includes the conversion to PIL images, a few ms).
+        sdxl = self.sd.text_encoder_2 is not None
+        return {"text": [(self.sd, "encode_prompt_sdxl" if sdxl else "encode_prompt")],
                 "unet": [(self.sd.unet, "forward")], "vae": [(self.sd, "decode")]}
 
 
@@ -169,6 +172,7 @@ class OpenVINOEngine(SdliteEngine):
         t0 = time.perf_counter()
         use_openvino(self.sd, s["height"], s["width"], cache_dir=s["openvino_cache"], threads=s["threads"])
         self.timings = {"convert_s": time.perf_counter() - t0, "converted": self.sd.unet.converted}
+
 
 def unet_inputs(spec: dict, batch: int, device: str, generator=None) -> tuple:
     """Random (latents, text states, SDXL added conditioning or None) for one UNet call on `batch`

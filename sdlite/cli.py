@@ -464,8 +464,9 @@ def generation_kwargs(s: Settings, **changes) -> dict:
 
 
 def progress(total: int, out: Output):
-    """A progress bar on stderr, shown from the start: the library checks its arguments before it
-    returns the step generator, so a rejected argument leaves its one-line error alone."""
+    """A progress bar on stderr, shown from the start. Callers check their arguments first (the
+    library does before it returns a step generator; the triangle checks every cell's steps and
+    strength), so a rejected argument leaves its one-line error alone."""
     from tqdm import tqdm
 
     return tqdm(total=total, file=sys.stderr, disable=out.quiet or total == 0, unit="step", dynamic_ncols=True,

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .memory import c_library
+
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state_dict) that, for CPU fp32 inference, multiplies by a
@@ -86,23 +88,6 @@ def release_pages(t: torch.Tensor) -> None:
     end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
     if end > start:
         libc.madvise(start, end - start, MADV_PAGEOUT)
-
-
-def c_library():
-    """The C library (ctypes) on Linux, else None."""
-    global _libc_handle
-    if _libc_handle is None:
-        import ctypes
-        import sys
-
-        _libc_handle = False
-        if sys.platform.startswith("linux"):
-            _libc_handle = ctypes.CDLL(None, use_errno=True)
-            _libc_handle.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return _libc_handle or None
-
-
-_libc_handle = None
 
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}

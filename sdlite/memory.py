@@ -8,6 +8,8 @@ VAE decoding in tiles.
 - `OnDemand`: a text encoder or VAE loaded from disk for one use and freed after (low-memory mode).
 - `decode_tiled`: VAE decoding of overlapping latent tiles blended linearly, as diffusers'
   `AutoencoderKL.tiled_decode`, so the decoder's activations scale with the tile, not the image.
+- `set_malloc_policy`: how glibc's malloc keeps freed memory (speed by default, RSS in low-memory
+  mode).
 """
 
 import gc
@@ -16,8 +18,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-
-from .layers import c_library
 
 
 class WeightsAtRest:
@@ -106,22 +106,51 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's mallo
 
 
 def set_malloc_policy(low_memory: bool) -> None:
-    """How glibc's malloc treats large freed blocks, process-wide (a no-op off glibc).
+    """How glibc's malloc treats large freed blocks, process-wide (a no-op off glibc); once a model
+    has asked for low memory, the process keeps that policy.
 
     Default: keep freed blocks of up to 256 MiB for reuse. oneDNN allocates and frees a
     weight-sized buffer in every convolution call, and with glibc's defaults each one is a fresh
     mmap whose pages fault in again: SD 2.1's 1280-channel 3x3 convolutions on 4x4 latents took
-    26 ms per call, 10 ms with this; its UNet step at 256 px, 2.4 s -> 2.0 s.
+    26 ms per call, 10 ms with this; its UNet step at 256 px, 2.4 s -> 2.0 s. (glibc releases that
+    refuse thresholds over 32 MiB get 32 MiB.)
 
     `low_memory`: serve allocations over 64 KiB by mmap, so that freed activations and per-layer
     weights go back to the system at once. glibc otherwise raises its threshold as large blocks
     are freed and keeps freed memory in its heap: on SD 2.1 at 512 px that grew the peak RSS of a
     6-bit jit generation by ~0.9 GB."""
+    global _low_memory_policy
     libc = c_library()
-    if libc is not None and hasattr(libc, "mallopt"):
-        mmap_threshold, trim_threshold = (1 << 16, 1 << 20) if low_memory else (256 << 20, 1 << 30)
-        libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)  # fixing it also stops its dynamic growth
-        libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)  # free heap tops above this go back
+    if libc is None or not hasattr(libc, "mallopt"):
+        return
+    _low_memory_policy = _low_memory_policy or low_memory
+    if _low_memory_policy:
+        libc.mallopt(M_MMAP_THRESHOLD, 64 << 10)  # fixing it also stops its dynamic growth
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)  # free heap tops above this go back
+    else:
+        if not libc.mallopt(M_MMAP_THRESHOLD, 256 << 20):
+            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+_low_memory_policy = False
+
+
+def c_library():
+    """The C library (ctypes) on Linux, else None."""
+    global _libc_handle
+    if _libc_handle is None:
+        import ctypes
+        import sys
+
+        _libc_handle = False
+        if sys.platform.startswith("linux"):
+            _libc_handle = ctypes.CDLL(None, use_errno=True)
+            _libc_handle.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return _libc_handle or None
+
+
+_libc_handle = None
 
 
 def decode_tiled(vae: nn.Module, z: torch.Tensor, tile: int = 32, overlap: int = 8) -> torch.Tensor:

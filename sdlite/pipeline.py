@@ -107,7 +107,10 @@ class StableDiffusion:
         by layer, e.g. dtype=torch.float16, compute_dtype=torch.float32 halves the RAM of fp32 on
         the CPU. `low_memory` loads the text encoder only to encode and the VAE only to decode (in
         tiles of `vae_tile_size` latents). Palettized folders (`sdlite compress`) rebuild each
-        weight just before use (`palettized_mode="jit"`) or unpack them all at load ("fast")."""
+        weight just before use (`palettized_mode="jit"`) or unpack them all at load ("fast").
+        Loading also sets the process's malloc policy (`sdlite.memory.set_malloc_policy`): on the
+        CPU, large freed blocks are kept for reuse, which is faster; after a low-memory load they
+        go back to the system at once, for good."""
         path = BUNDLED_MODEL if path is None else Path(path)
         source = open_checkpoint(path, device, allow_pickle, prediction_type, palettized_mode)
         configs = source.configs
@@ -150,7 +153,7 @@ class StableDiffusion:
         sd.long_prompts = long_prompts
         if low_memory:
             sd.vae_tile_size = 32
-        if sd.device.type == "cpu":
+        if low_memory or sd.device.type == "cpu":
             set_malloc_policy(low_memory)
         return sd
 

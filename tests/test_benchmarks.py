@@ -22,7 +22,6 @@ def test_reference_model_sizes_match_the_real_checkpoints():
         counts = {}
         for component in components:
             config = json.loads((folder / component / "config.json").read_text())
-            config.update(models.MODELS[name][1].get(component, {}))
             counts[component] = round(sum(math.prod(shape) for shape, _ in
                                           models.component_shapes(component, config).values()) / 1e6, 1)
         assert counts == components, name
@@ -41,6 +40,7 @@ def test_device_and_dtype_selection():
         run.resolve_device("tpu", "auto", cuda_available=False)
     assert run.engine_skip_reason("openvino", "cuda", "float16") is not None
     assert run.engine_skip_reason("sdlite", "cuda", "float16") is None
+    assert "SDXL" in (run.engine_skip_reason("openvino", "cpu", "float32", sdxl=True) or "")
 
 
 def test_quick_benchmark_end_to_end(tmp_path):
@@ -71,7 +71,7 @@ def test_quick_sdxl_benchmark_end_to_end(tmp_path):
     # SDXL's UNet takes added conditioning and its pipeline two text encoders (the low-memory engine
     # loads them per encoding); OpenVINO is skipped.
     pytest.importorskip("diffusers")
-    results = run.main(["--quick", "--model", "tiny-xl", "--batches", "1", "--cache", str(tmp_path / "cache"),
+    results = run.main(["--quick", "--model", "tiny-xl", "--batches", "1,2", "--cache", str(tmp_path / "cache"),
                         "--out", str(tmp_path), "--name", "quick-xl",
                         "--engines", "sdlite,sdlite-low-memory,diffusers,openvino"])
     assert sorted(results["engines"]) == ["diffusers", "sdlite", "sdlite-low-memory"], results["notes"]
@@ -79,4 +79,6 @@ def test_quick_sdxl_benchmark_end_to_end(tmp_path):
     for name, r in results["engines"].items():
         assert r["text_encoding_s"] > 0 and r["unet_step_s"] > 0, name
         assert r["max_pixel_diff_vs_diffusers"] <= 3, name
-    assert results["unet_flops"]["1"] > 0
+    assert results["unet_flops"]["2"] > results["unet_flops"]["1"] > 0
+    for r in results["engines"].values():  # batch 2: a UNet call with SDXL's added conditioning
+        assert r["unet_images_per_s"]["2"] > 0
