@@ -234,14 +234,15 @@ def main(argv=None) -> int:
             row["compression"] = json.loads(summary.read_text())
         rows[name] = row
         print(f"  {row['seconds_per_step']:.2f} s/step, peak RSS {row['peak_rss'] / 2**20:.0f} MiB", flush=True)
-        write_results(results_path, args, rows, list(settings))
-    print(table(write_results(results_path, args, rows, list(settings)), args.eval_scenes > 0))
+        write_results(results_path, args, rows)
+    print(table(write_results(results_path, args, rows), args.eval_scenes > 0))
     return 0
 
 
-def write_results(path: Path, args, rows: dict, order: list[str]) -> list[dict]:
-    """Rows in the settings' order, with PSNR against the fp32 image decoded the same way."""
-    ordered = [rows[n] for n in order if n in rows]
+def write_results(path: Path, args, rows: dict) -> list[dict]:
+    """All rows (earlier runs' first, in their order), with PSNR against the fp32 image decoded the
+    same way."""
+    ordered = list(rows.values())
     for r in ordered:
         reference = None if r["setting"] == "fp32" else rows.get("fp32" if r["setting"] == "fp32 low-memory"
                                                                   else "fp32 low-memory")
