@@ -22,27 +22,64 @@ from torch import nn
 
 class WeightsAtRest:
     """Forward hooks of one module: the stored tensors of it (or of its embedding children),
-    materialised in `dtype` for the length of each call."""
+    materialised in `dtype` for the length of each call, into `scratch` from `offset` on if given.
+    Owners are named by their path from the hooked module, not held: a module holding its own
+    hooks' owners would be a reference cycle, which keeps the weights of a freed network (a
+    low-memory text encoder) alive until Python's next garbage collection."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
-        self.stored = []  # (owner module, parameter name, tensor or PalettizedTensor)
+        self.stored = []  # (owner's path from the hooked module, parameter name, tensor or PalettizedTensor)
+        self.scratch, self.offset = None, 0
+
+    def size(self) -> int:
+        """Values the stored tensors need materialised (palettized ones decode in runs of 8)."""
+        return sum(materialised_size(v) for _, _, v in self.stored)
 
     def before(self, module: nn.Module, args) -> None:
-        for owner, name, value in self.stored:
-            weight = value.to(self.dtype) if isinstance(value, torch.Tensor) else value.unpack(self.dtype)
-            setattr(owner, name, weight)
+        start = self.offset
+        for path, name, value in self.stored:
+            n = materialised_size(value)
+            out = None if self.scratch is None else self.scratch.region(start, n)
+            if isinstance(value, torch.Tensor):
+                weight = value.to(self.dtype) if out is None else out.view(value.shape).copy_(value)
+            else:
+                weight = value.unpack(self.dtype, out)
+            setattr(module.get_submodule(path), name, weight)
+            start += n
 
     def after(self, module: nn.Module, args, output) -> None:
-        for owner, name, _ in self.stored:
-            setattr(owner, name, None)
+        for path, name, _ in self.stored:
+            setattr(module.get_submodule(path), name, None)
+
+
+def materialised_size(value) -> int:
+    """Values a stored tensor or PalettizedTensor takes materialised (palettized: in runs of 8)."""
+    return value.numel() if isinstance(value, torch.Tensor) else value.padded_numel
+
+
+class Scratch:
+    """One buffer per network that its modules' weights are materialised into, call after call.
+    Allocating them afresh instead costs a page fault per 4 KiB when glibc serves large blocks by
+    mmap (low-memory mode), or keeps freed blocks in the heap otherwise. Allocated on first use."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device):
+        self.numel, self.dtype, self.device, self.tensor = numel, dtype, device, None
+
+    def region(self, start: int, n: int) -> torch.Tensor:
+        if self.tensor is None:
+            self.tensor = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        return self.tensor[start:start + n]
 
 
 def keep_at_rest(network: nn.Module, compute_dtype: torch.dtype, packed: dict | None = None) -> nn.Module:
     """Keep `network`'s floating-point parameters not in `compute_dtype`, and the `packed`
     (key -> PalettizedTensor) weights, out of the parameters: each module materialises its own in
-    `compute_dtype` for the length of its forward call. Embeddings are materialised for their
-    parent's call instead, since parents read them directly (CLIP's `position_embedding.weight`)."""
+    `compute_dtype` for the length of its forward call, into one `Scratch` buffer the network's
+    modules share (a module's region starts after those of the modules it runs inside).
+    Embeddings are materialised for their parent's call instead, since parents read them directly
+    (CLIP's `position_embedding.weight`), into a tensor of their own: the token embedding is
+    the largest tensor of a text encoder and is used once per prompt."""
     by_module: dict[str, dict] = {}
     for key, value in (packed or {}).items():
         module_name, _, name = key.rpartition(".")
@@ -57,12 +94,22 @@ def keep_at_rest(network: nn.Module, compute_dtype: torch.dtype, packed: dict | 
             if p.is_floating_point() and p.dtype != compute_dtype:
                 stored[name] = p.data
                 del module._parameters[name]
-        host = module_name.rpartition(".")[0] if isinstance(module, nn.Embedding) and module_name else module_name
+        embedding = isinstance(module, nn.Embedding) and module_name
+        host, path = module_name.rpartition(".")[::2] if embedding else (module_name, "")
         for name, value in stored.items():
             device = value.device if isinstance(value, torch.Tensor) else value.indices.device
             setattr(module, name, None)
-            hosts.setdefault(host, WeightsAtRest(compute_dtype)).stored.append((module, name, value))
+            hosts.setdefault(host, WeightsAtRest(compute_dtype)).stored.append((path, name, value))
+    shared = {name: hooks for name, hooks in hosts.items() if all(path == "" for path, _, _ in hooks.stored)}
+    scratch_size = 0
+    for name, hooks in shared.items():
+        hooks.offset = sum(outer.size() for outer_name, outer in shared.items()
+                           if outer_name != name and (outer_name == "" or name.startswith(outer_name + ".")))
+        scratch_size = max(scratch_size, hooks.offset + hooks.size())
+    scratch = Scratch(scratch_size, compute_dtype, device)
     for host, hooks in hosts.items():
+        if host in shared:
+            hooks.scratch = scratch
         modules[host].register_forward_pre_hook(hooks.before)
         modules[host].register_forward_hook(hooks.after)
     network.compute_dtype, network.compute_device = compute_dtype, device
@@ -115,17 +162,18 @@ def set_malloc_policy(low_memory: bool) -> None:
     26 ms per call, 10 ms with this; its UNet step at 256 px, 2.4 s -> 2.0 s. (glibc releases that
     refuse thresholds over 32 MiB get 32 MiB.)
 
-    `low_memory`: serve allocations over 64 KiB by mmap, so that freed activations and per-layer
-    weights go back to the system at once. glibc otherwise raises its threshold as large blocks
-    are freed and keeps freed memory in its heap: on SD 2.1 at 512 px that grew the peak RSS of a
-    6-bit jit generation by ~0.9 GB."""
+    `low_memory`: serve allocations over 1 MiB by mmap, so that freed activations and oneDNN's
+    weight buffers go back to the system at once. glibc otherwise raises its threshold as large
+    blocks are freed and keeps freed memory in its heap. SD 2.1, 6-bit jit, 512 px (peak RSS,
+    s/step): default 1,606 MiB, 10.5 s; this 1,350 MiB, 12.8 s; a 64 KiB threshold 1,348 MiB,
+    14.3 s; 8 MiB 1,405 MiB, 12.2 s. The time is fresh pages: ~2 million page faults a step."""
     global _low_memory_policy
     libc = c_library()
     if libc is None or not hasattr(libc, "mallopt"):
         return
     _low_memory_policy = _low_memory_policy or low_memory
     if _low_memory_policy:
-        libc.mallopt(M_MMAP_THRESHOLD, 64 << 10)  # fixing it also stops its dynamic growth
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)  # fixing it also stops its dynamic growth
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)  # free heap tops above this go back
     else:
         if not libc.mallopt(M_MMAP_THRESHOLD, 256 << 20):

@@ -141,6 +141,20 @@ def _code_values(bits: int) -> np.ndarray:
 
 CODE_VALUES = {bits: _code_values(bits) for bits in BITS}
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+BLOCK_UNITS = 1 << 14  # packed units decoded at a time: their 12-bit codes (64 KiB) stay in the cache
+
+
+def unpack_pool(threads: int):
+    """A thread pool of `threads` workers for unpacking, kept for the process."""
+    global _unpack_pool
+    if _unpack_pool is None or _unpack_pool._max_workers != threads:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _unpack_pool = ThreadPoolExecutor(threads, thread_name_prefix="sdlite-unpack")
+    return _unpack_pool
+
+
+_unpack_pool = None
 
 
 def packed_size(n: int, bits: int) -> int:
@@ -168,35 +182,60 @@ class PalettizedTensor:
     def nbytes(self) -> int:
         return self.indices.numel() + self.lut.numel() * self.lut.element_size()
 
-    def unpack(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense weight in `dtype`."""
-        groups, k = self.lut.shape
-        if groups == 1 and dtype in NUMPY_DTYPES and self.indices.device.type == "cpu":
-            return self._unpack_by_table(dtype)
-        index = unpack_bits(self.indices, self.bits, self.numel).to(torch.int32)
-        if groups > 1:  # offset each group's indices into the flattened LUT
-            index = (index.view(groups, -1) + torch.arange(0, groups * k, k, dtype=torch.int32,
-                                                           device=index.device)[:, None]).view(-1)
-        return self.lut.to(dtype).view(-1).index_select(0, index).view(self.shape)
+    @property
+    def padded_numel(self) -> int:
+        """How many values the packed bytes decode to: `numel` rounded up to a whole run of 8."""
+        return self.numel if self.bits == 8 else math.ceil(self.numel / 8) * 8
 
-    def _unpack_by_table(self, dtype: torch.dtype) -> torch.Tensor:
+    def unpack(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight in `dtype`, written into `out` if given (a contiguous tensor of `dtype`
+        on the indices' device with at least `padded_numel` values; the result is a view of it)."""
+        groups, k = self.lut.shape
+        if out is None:
+            out = torch.empty(self.padded_numel, dtype=dtype, device=self.indices.device)
+        flat = out.view(-1)[: self.padded_numel]
+        if groups == 1 and dtype in NUMPY_DTYPES and self.indices.device.type == "cpu":
+            self._unpack_by_table(flat)
+        else:
+            index = unpack_bits(self.indices, self.bits, self.numel).to(torch.int32)
+            if groups > 1:  # offset each group's indices into the flattened LUT
+                index = (index.view(groups, -1) + torch.arange(0, groups * k, k, dtype=torch.int32,
+                                                               device=index.device)[:, None]).view(-1)
+            torch.index_select(self.lut.to(dtype).view(-1), 0, index, out=flat[: self.numel])
+        return flat[: self.numel].view(self.shape)
+
+    def _unpack_by_table(self, out: torch.Tensor) -> None:
         """The fast path: one `np.take` of a table from each packed byte (6 bits: each 12-bit code)
-        to the values it holds, e.g. 256 x 2 values for 4 bits. About 3x faster than unpacking the
-        indices and then looking them up."""
+        to the values it holds, e.g. 256 x 2 values for 4 bits; about 3x faster than unpacking the
+        indices and then looking them up. Large tensors are split over `torch.get_num_threads()`
+        threads (numpy releases the GIL here), in blocks small enough to stay in the cache."""
         table = self.__dict__.get("_table")
-        if table is None or table.dtype != NUMPY_DTYPES[dtype]:
-            table = self.lut[0].to(dtype).numpy()[CODE_VALUES[self.bits]]  # (codes, values per code)
+        if table is None or table.dtype != NUMPY_DTYPES[out.dtype]:
+            table = self.lut[0].to(out.dtype).numpy()[CODE_VALUES[self.bits]]  # (codes, values per code)
             self.__dict__["_table"] = table
-        packed = self.indices.numpy()
-        if self.bits == 6:  # 3 bytes = two 12-bit codes of two indices each
-            b = packed.reshape(-1, 3)
-            b1 = b[:, 1].astype(np.uint16)
-            codes = np.empty((len(b), 2), np.uint16)
-            np.bitwise_or(b[:, 0], (b1 & 15) << 8, out=codes[:, 0])
-            np.bitwise_or(b1 >> 4, b[:, 2].astype(np.uint16) << 4, out=codes[:, 1])
-            packed = codes.reshape(-1)
-        values = np.take(table, packed, axis=0).reshape(-1)[: self.numel]
-        return torch.from_numpy(values).view(self.shape)
+        packed, out = self.indices.numpy(), out.numpy()
+        unit, per_unit = (3, 4) if self.bits == 6 else (1, 8 // self.bits)  # bytes decoded together, their values
+        units = len(packed) // unit
+
+        def decode(lo: int, hi: int) -> None:
+            for start in range(lo, hi, BLOCK_UNITS):
+                end = min(start + BLOCK_UNITS, hi)
+                codes = packed[start * unit:end * unit]
+                if self.bits == 6:  # 3 bytes -> two 12-bit codes
+                    b = codes.reshape(-1, 3)
+                    b1 = b[:, 1].astype(np.uint16)
+                    codes = np.empty((len(b), 2), np.uint16)
+                    np.bitwise_or(b[:, 0], (b1 & 15) << 8, out=codes[:, 0])
+                    np.bitwise_or(b1 >> 4, b[:, 2].astype(np.uint16) << 4, out=codes[:, 1])
+                np.take(table, codes.reshape(-1), axis=0, mode="clip",
+                        out=out[start * per_unit:end * per_unit].reshape(-1, table.shape[1]))
+
+        threads = torch.get_num_threads() if units >= 4 * BLOCK_UNITS else 1
+        cuts = [units * i // threads for i in range(threads + 1)]
+        if threads == 1:
+            decode(0, units)
+        else:
+            list(unpack_pool(threads).map(decode, cuts[:-1], cuts[1:]))
 
     def to(self, device) -> "PalettizedTensor":
         return PalettizedTensor(self.lut.to(device), self.indices.to(device), self.shape, self.bits)

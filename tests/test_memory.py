@@ -1,8 +1,67 @@
-"""sdlite.memory.set_malloc_policy: what it asks of glibc, checked with a recording stand-in."""
+"""sdlite.memory: weights at rest (materialised into one scratch buffer, freed with their
+network) and set_malloc_policy (what it asks of glibc, checked with a recording stand-in)."""
+
+import gc
+import weakref
 
 import pytest
+import torch
+from torch import nn
 
 from sdlite import memory
+from sdlite.palettize import palettize
+
+
+class Scaled(nn.Module):
+    """A module with a weight of its own that runs a child with another: nested weights at rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(64, 64))
+        self.child = nn.Linear(64, 64)
+        self.embed = nn.Embedding(10, 64)
+
+    def forward(self, x):
+        return self.child(x @ self.weight) + self.embed.weight[0]
+
+
+def at_rest_copy(network: nn.Module, packed: bool) -> nn.Module:
+    copy = Scaled()
+    copy.load_state_dict(network.state_dict())
+    copy.half()
+    if not packed:
+        return memory.keep_at_rest(copy, torch.float32)
+    weight = palettize(network.child.weight.detach(), 8)
+    del copy.child._parameters["weight"]
+    return memory.keep_at_rest(copy, torch.float32, {"child.weight": weight})
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_nested_weights_at_rest_share_one_scratch_buffer_without_overlap(packed):
+    torch.manual_seed(0)
+    reference = Scaled()
+    network = at_rest_copy(reference, packed)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = reference(x)
+        got, again = network(x), network(x)
+    tolerance = 0.05 if packed else 2e-3  # fp16 weights; 8-bit LUT for the child's weight
+    assert torch.allclose(got, expected, atol=tolerance * expected.abs().max()), (got - expected).abs().max()
+    assert torch.equal(got, again)
+    assert network.weight is None and network.child.weight is None  # dropped after the call
+
+
+def test_a_network_with_weights_at_rest_is_freed_without_the_garbage_collector():
+    """Low-memory mode frees its text encoder by dropping the last reference; a reference cycle
+    through the hooks would keep its weights until Python's next garbage collection."""
+    network = at_rest_copy(Scaled(), packed=True)
+    gone = weakref.ref(network)
+    gc.disable()
+    try:
+        del network
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 class FakeLibc:
@@ -29,7 +88,7 @@ def test_default_keeps_freed_blocks_and_low_memory_gives_them_back_for_good(libc
     memory.set_malloc_policy(low_memory=False)
     assert libc.settings == {memory.M_MMAP_THRESHOLD: 256 << 20, memory.M_TRIM_THRESHOLD: 1 << 30}
     memory.set_malloc_policy(low_memory=True)
-    low = {memory.M_MMAP_THRESHOLD: 64 << 10, memory.M_TRIM_THRESHOLD: 1 << 20}
+    low = {memory.M_MMAP_THRESHOLD: 1 << 20, memory.M_TRIM_THRESHOLD: 1 << 20}
     assert libc.settings == low
     memory.set_malloc_policy(low_memory=False)  # a later ordinary load does not undo it
     assert libc.settings == low

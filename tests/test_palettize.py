@@ -227,3 +227,21 @@ def test_cli_compress_and_generate_with_low_memory(source, tmp_path, capsys):
                  "--palettized-mode", "fast", "--dtype", "float16", "--compute-dtype", "float32", "-q",
                  "-o", str(image)]) == 0
     assert image.is_file()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_unpacking_into_a_buffer_in_threads_gives_the_same_weight(bits):
+    """Large tensors are decoded by several threads, into a caller's buffer (weights at rest)."""
+    torch.manual_seed(2)
+    p = palettize(torch.randn(640, 1000), bits)  # 640,000 values: several threads' share
+    buffer = torch.full((p.padded_numel + 5,), float("nan"))
+    into_buffer = p.unpack(torch.float32, out=buffer)
+    assert into_buffer.data_ptr() == buffer.data_ptr() and into_buffer.shape == (640, 1000)
+    index = unpack_bits(p.indices, bits, p.numel).long()
+    assert torch.equal(into_buffer, p.lut[0].float()[index].view(640, 1000))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(p.unpack(torch.float32), into_buffer)
+    finally:
+        torch.set_num_threads(threads)
