@@ -146,15 +146,14 @@ BLOCK_UNITS = 1 << 14  # packed units decoded at a time: their 12-bit codes (64 
 
 def unpack_pool(threads: int):
     """A thread pool of `threads` workers for unpacking, kept for the process."""
-    global _unpack_pool
-    if _unpack_pool is None or _unpack_pool._max_workers != threads:
+    if threads not in _unpack_pools:
         from concurrent.futures import ThreadPoolExecutor
 
-        _unpack_pool = ThreadPoolExecutor(threads, thread_name_prefix="sdlite-unpack")
-    return _unpack_pool
+        _unpack_pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="sdlite-unpack")
+    return _unpack_pools[threads]
 
 
-_unpack_pool = None
+_unpack_pools = {}  # thread count -> pool
 
 
 def packed_size(n: int, bits: int) -> int:
@@ -227,6 +226,7 @@ class PalettizedTensor:
                     codes = np.empty((len(b), 2), np.uint16)
                     np.bitwise_or(b[:, 0], (b1 & 15) << 8, out=codes[:, 0])
                     np.bitwise_or(b1 >> 4, b[:, 2].astype(np.uint16) << 4, out=codes[:, 1])
+                # codes are always in range; "clip" spares the copy that the default "raise" makes of `out`
                 np.take(table, codes.reshape(-1), axis=0, mode="clip",
                         out=out[start * per_unit:end * per_unit].reshape(-1, table.shape[1]))
 

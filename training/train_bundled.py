@@ -43,7 +43,7 @@ from bpe import train_bpe, write_clip_vocab  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "sdlite" / "data" / "bundled"
 RESOLUTION = 64
-MAX_LENGTH = 77  # CLIP's context; training pads to it too, so inference sees exactly what training saw
+MAX_LENGTH = 16  # the context (tokenizer and text encoder): the longest caption takes 14 tokens
 SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
 
 # Architecture. SD 1.x layout (quick_gelu CLIP, conv-projection transformers, int head count) scaled down.
@@ -69,7 +69,7 @@ UNET_CONFIG = dict(
     sample_size=RESOLUTION // 4,
     in_channels=4,
     out_channels=4,
-    block_out_channels=(32, 64, 128),  # latents 16x16 -> 8x8 -> 4x4
+    block_out_channels=(64, 96, 128),  # latents 16x16 -> 8x8 -> 4x4; the 16x16 level draws the shape
     layers_per_block=1,
     down_block_types=("CrossAttnDownBlock2D",) * 3,  # cross-attention at every level: text sets colour and layout
     up_block_types=("CrossAttnUpBlock2D",) * 3,
@@ -183,8 +183,21 @@ def stage_latents(args, work: Path) -> None:
             stds.append(post.std)
     mean, std = torch.cat(means), torch.cat(stds)
     scaling = float(1.0 / mean.std())
-    torch.save({"mean": mean, "std": std, "scenes": scenes, "scaling_factor": scaling}, work / "latents.pt")
+    coverage = foreground_coverage(images, scenes, mean.shape[-1])
+    torch.save({"mean": mean, "std": std, "scenes": scenes, "scaling_factor": scaling, "coverage": coverage},
+               work / "latents.pt")
     log(f"latents: {tuple(mean.shape)} in {time.time() - t0:.0f}s, scaling_factor {scaling:.4f}")
+
+
+def foreground_coverage(images: np.ndarray, scenes: list, size: int) -> torch.Tensor:
+    """(N, 1, size, size): the share of each latent pixel's image area covered by the shape. A
+    pixel is c * fg + (1 - c) * bg (anti-aliased rendering), so c is its projection on fg - bg."""
+    fg = np.array([shapes.COLORS[s.fg] for s in scenes], np.float32)[:, None, None]  # (N, 1, 1, 3)
+    bg = np.array([shapes.COLORS[s.bg] for s in scenes], np.float32)[:, None, None]
+    d = fg - bg
+    c = ((images.astype(np.float32) - bg) * d).sum(-1) / (d * d).sum(-1)  # (N, H, W)
+    c = torch.from_numpy(c.clip(0, 1))[:, None]
+    return F.adaptive_avg_pool2d(c, size)
 
 
 def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -282,6 +295,7 @@ def stage_unet(args, work: Path) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
     data = torch.load(work / "latents.pt", weights_only=False)
     mean, std, scenes, scaling = data["mean"], data["std"], data["scenes"], data["scaling_factor"]
+    coverage = data["coverage"]
     text_encoder = build_text_encoder(tokenizer)
     unet = UNet2DConditionModel(**UNET_CONFIG)
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
@@ -315,7 +329,9 @@ def stage_unet(args, work: Path) -> None:
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         v = a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction target (Salimans & Ho 2022)
         cond = text_encoder(tokens(captions))[0]  # (B, 77, 128)
-        loss = F.mse_loss(unet(xt, t, cond).sample, v)
+        # The shape covers 5-18% of the latent; weighting its pixels keeps the loss from being all background.
+        weight = 1 + (args.fg_weight - 1) * coverage[idx]  # (B, 1, 16, 16)
+        loss = (weight * (unet(xt, t, cond).sample - v) ** 2).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
@@ -452,7 +468,8 @@ def main(argv=None) -> None:
     p.add_argument("--unet-init", type=Path, help="start text encoder + UNet from this unet_ema.pt instead of random weights")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--uncond", type=float, default=0.1, help="fraction of empty captions (for classifier-free guidance)")
-    p.add_argument("--high-t", type=float, default=0.4, help="fraction of timesteps drawn from [700, 1000)")
+    p.add_argument("--high-t", type=float, default=0.1, help="fraction of timesteps drawn from [700, 1000)")
+    p.add_argument("--fg-weight", type=float, default=3.0, help="loss weight of the shape's latent pixels (background: 1)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--mid-eval", action="store_true", help="quick 48-image evaluation at each checkpoint")
     p.add_argument("--time-limit", type=float, default=0, help="stop the UNet stage after this many minutes (0: never)")
