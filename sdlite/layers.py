@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .memory import c_library
+from .memory import MADV_PAGEOUT, c_library, page_range
 
 
 class Linear(nn.Linear):
@@ -73,9 +73,6 @@ def packed_weight(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
-MADV_PAGEOUT = 21  # Linux >= 5.4; Python's mmap module does not name it
-
-
 def release_pages(t: torch.Tensor) -> None:
     """Ask the kernel to take `t`'s whole pages out of this process's resident memory
     (madvise MADV_PAGEOUT). Memory-mapped weights come back from their file if read again; the
@@ -83,9 +80,7 @@ def release_pages(t: torch.Tensor) -> None:
     libc = c_library()
     if libc is None or t.device.type != "cpu":
         return
-    page = 4096
-    start = -(-t.data_ptr() // page) * page
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    start, end = page_range(t)
     if end > start:
         libc.madvise(start, end - start, MADV_PAGEOUT)
 

@@ -8,6 +8,8 @@ VAE decoding in tiles.
 - `OnDemand`: a text encoder or VAE loaded from disk for one use and freed after (low-memory mode).
 - `decode_tiled`: VAE decoding of overlapping latent tiles blended linearly, as diffusers'
   `AutoencoderKL.tiled_decode`, so the decoder's activations scale with the tile, not the image.
+- `release_weights`: a network's memory-mapped weights out of resident memory between uses (they
+  come back from the page cache).
 - `set_malloc_policy`: how glibc's malloc keeps freed memory (speed by default, RSS in low-memory
   mode).
 """
@@ -137,9 +139,14 @@ class OnDemand:
 
 @contextmanager
 def using(network):
-    """The network itself, or an `OnDemand` network loaded for the block and freed at its end."""
+    """The network itself, or an `OnDemand` network loaded for the block and freed at its end. A
+    network marked `release_after_use` gives its memory-mapped weights' pages back at the end."""
     if not isinstance(network, OnDemand):
-        yield network
+        try:
+            yield network
+        finally:
+            if getattr(network, "release_after_use", False):
+                release_weights(network)
         return
     loaded = network.load()
     try:
@@ -147,6 +154,51 @@ def using(network):
     finally:
         del loaded
         gc.collect()  # free the weights (and unmap their files) now, before the next stage
+
+
+MADV_DONTNEED, MADV_PAGEOUT = 4, 21  # madvise advice (Linux; PAGEOUT since 5.4), not named by Python's mmap
+
+
+def page_range(t: torch.Tensor) -> tuple[int, int]:
+    """The addresses of the whole pages inside `t`'s data (start >= end: none)."""
+    page = 4096
+    return -(-t.data_ptr() // page) * page, (t.data_ptr() + t.numel() * t.element_size()) // page * page
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed memory mappings (Linux; else none)."""
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[4] != "0":  # an inode: backed by a file
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def release_weights(network: nn.Module) -> None:
+    """Take the pages of `network`'s memory-mapped weights out of this process's resident memory
+    (madvise MADV_DONTNEED): the kernel's page cache keeps them, and they fault back in when the
+    network next runs, so a text encoder or VAE costs RAM only while it works. Only weights that
+    are views of a file and were never modified in place are released (for those, DONTNEED would
+    revert the change); cast or merged weights (LoRA merges replace tensors) are not file-backed."""
+    libc = c_library()
+    if libc is None:
+        return
+    mapped = file_mappings()
+    for t in list(network.parameters()) + list(network.buffers()):
+        try:
+            if t.device.type != "cpu" or t._version:
+                continue
+        except RuntimeError:  # an inference tensor has no version counter: it was made, not mapped
+            continue
+        start, end = page_range(t)
+        if end > start and any(lo <= start and end <= hi for lo, hi in mapped):
+            libc.madvise(start, end - start, MADV_DONTNEED)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)

@@ -20,7 +20,8 @@ from PIL import Image
 from .clip import CLIPTextModel
 from .config import CLIPConfig, UNetConfig, VAEConfig
 from .loading import CheckpointError, load_component, load_network, read_json
-from .memory import OnDemand, decode_tiled, keep_at_rest, network_device, network_dtype, set_malloc_policy, using
+from .memory import (OnDemand, decode_tiled, keep_at_rest, network_device, network_dtype, release_weights,
+                     set_malloc_policy, using)
 from .samplers import SAMPLERS, default_sampler, make_plan
 from .schedules import ScheduleConfig
 from .tokenizer import CLIPTokenizer
@@ -67,6 +68,7 @@ class StableDiffusion:
         self.default_size = (unet.config.sample_size * factor, unet.config.sample_size * factor)
         self.sampler_names = tuple(SAMPLERS)
         self.vae_tile_size = None  # decode in tiles of this many latents (None: whole); low_memory sets 32
+        self.low_memory = False
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +112,9 @@ class StableDiffusion:
         weight just before use (`palettized_mode="jit"`) or unpack them all at load ("fast").
         Loading also sets the process's malloc policy (`sdlite.memory.set_malloc_policy`): on the
         CPU, large freed blocks are kept for reuse, which is faster; after a low-memory load they
-        go back to the system at once, for good."""
+        go back to the system at once, for good. On the CPU the text encoders and the VAE give
+        their memory-mapped weights' pages back after each use (`sdlite.memory.release_weights`);
+        in low-memory mode the UNet does too while the VAE decodes."""
         path = BUNDLED_MODEL if path is None else Path(path)
         source = open_checkpoint(path, device, allow_pickle, prediction_type, palettized_mode)
         configs = source.configs
@@ -151,10 +155,15 @@ class StableDiffusion:
             lora_path, weight = (lora, 1.0) if isinstance(lora, (str, Path)) else lora
             sd.load_lora(lora_path, weight, allow_pickle)
         sd.long_prompts = long_prompts
+        sd.low_memory = low_memory
         if low_memory:
             sd.vae_tile_size = 32
         if low_memory or sd.device.type == "cpu":
             set_malloc_policy(low_memory)
+        if sd.device.type == "cpu":  # used once per image: resident only while they run
+            for network in (sd.text_encoder, sd.text_encoder_2, sd.vae):
+                if isinstance(network, torch.nn.Module):
+                    network.release_after_use = True
         return sd
 
     # -- LoRA -----------------------------------------------------------------------------------
@@ -396,6 +405,8 @@ class StableDiffusion:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         batch_size = batch_size or len(latents)
         images = []
+        if self.low_memory:  # the UNet's mapped weights leave RAM while the VAE works
+            release_weights(self.unet)
         with using(self.vae) as vae:
             for chunk in latents.split(batch_size):
                 z = chunk.to(self.vae_dtype) / self.vae.config.scaling_factor

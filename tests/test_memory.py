@@ -103,3 +103,35 @@ def test_a_glibc_that_refuses_large_thresholds_gets_32_mib(libc):
 def test_without_glibc_nothing_happens(monkeypatch):
     monkeypatch.setattr(memory, "c_library", lambda: None)
     memory.set_malloc_policy(low_memory=True)  # no error
+
+
+def resident_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status")
+
+
+@pytest.mark.skipif(memory.c_library() is None, reason="madvise needs Linux")
+def test_release_weights_drops_mapped_pages_and_keeps_every_value(tmp_path):
+    """Unmodified memory-mapped weights leave resident memory and read back the same; a weight
+    modified in place, or one that is not file-backed, is left alone (DONTNEED would undo it)."""
+    from safetensors.torch import save_file
+
+    from sdlite.loading import read_safetensors
+
+    values = torch.arange(16 << 20, dtype=torch.float32)  # 64 MiB
+    save_file({"mapped": values, "modified": values[:1 << 20].clone()}, str(tmp_path / "w.safetensors"))
+    weights = read_safetensors(tmp_path / "w.safetensors")
+    network = nn.Module()
+    for name, tensor in weights.items():
+        network.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+    network.register_buffer("made", torch.ones(1 << 20))
+    with torch.no_grad():
+        network.modified.add_(1)
+    assert torch.equal(network.mapped, values)  # every page resident now
+    before = resident_mib()
+    memory.release_weights(network)
+    assert before - resident_mib() > 48
+    assert torch.equal(network.mapped, values)  # read back from the file
+    assert torch.equal(network.modified, values[:1 << 20] + 1) and torch.equal(network.made, torch.ones(1 << 20))
