@@ -115,6 +115,8 @@ def keep_at_rest(network: nn.Module, compute_dtype: torch.dtype, packed: dict | 
         modules[host].register_forward_pre_hook(hooks.before)
         modules[host].register_forward_hook(hooks.after)
     network.compute_dtype, network.compute_device = compute_dtype, device
+    network.stored_tensors = [v if isinstance(v, torch.Tensor) else v.indices
+                              for hooks in hosts.values() for _, _, v in hooks.stored]  # for release_weights
     return network
 
 
@@ -181,16 +183,17 @@ def file_mappings() -> list[tuple[int, int]]:
 
 
 def release_weights(network: nn.Module) -> None:
-    """Take the pages of `network`'s memory-mapped weights out of this process's resident memory
-    (madvise MADV_DONTNEED): the kernel's page cache keeps them, and they fault back in when the
-    network next runs, so a text encoder or VAE costs RAM only while it works. Only weights that
-    are views of a file and were never modified in place are released (for those, DONTNEED would
-    revert the change); cast or merged weights (LoRA merges replace tensors) are not file-backed."""
+    """Take the pages of `network`'s memory-mapped weights (parameters, buffers and the weights it
+    keeps at rest) out of this process's resident memory with madvise(MADV_DONTNEED): the kernel's
+    page cache keeps them, and they fault back in when the network next runs, so a text encoder or
+    VAE costs RAM only while it works. Only weights that are views of a file and were never
+    modified in place are released (for those, DONTNEED would revert the change); cast or merged
+    weights (LoRA merges replace tensors) are not file-backed."""
     libc = c_library()
     if libc is None:
         return
     mapped = file_mappings()
-    for t in list(network.parameters()) + list(network.buffers()):
+    for t in list(network.parameters()) + list(network.buffers()) + getattr(network, "stored_tensors", []):
         try:
             if t.device.type != "cpu" or t._version:
                 continue

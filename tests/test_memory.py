@@ -135,3 +135,21 @@ def test_release_weights_drops_mapped_pages_and_keeps_every_value(tmp_path):
     assert before - resident_mib() > 48
     assert torch.equal(network.mapped, values)  # read back from the file
     assert torch.equal(network.modified, values[:1 << 20] + 1) and torch.equal(network.made, torch.ones(1 << 20))
+
+
+@pytest.mark.skipif(memory.c_library() is None, reason="madvise needs Linux")
+def test_release_weights_covers_weights_kept_at_rest(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdlite.loading import read_safetensors
+
+    values = torch.arange(32 << 20, dtype=torch.float16)  # 64 MiB in fp16, kept at rest for fp32 compute
+    save_file({"weight": values}, str(tmp_path / "w.safetensors"))
+    network = nn.Linear(1, 1, bias=False)
+    network.weight = nn.Parameter(read_safetensors(tmp_path / "w.safetensors")["weight"], requires_grad=False)
+    memory.keep_at_rest(network, torch.float32)
+    assert torch.equal(network.stored_tensors[0], values)
+    before = resident_mib()
+    memory.release_weights(network)
+    assert before - resident_mib() > 48
+    assert torch.equal(network.stored_tensors[0], values)
