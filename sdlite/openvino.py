@@ -6,7 +6,8 @@
 
 The UNet is converted once with `openvino.convert_model` (batch left free) and saved as OpenVINO
 IR under `cache_dir` (default ~/.cache/sdlite/openvino), keyed by the weights, the config, the
-latent size and the library versions, so a later process reads it instead of converting again.
+latent size, the context length (the tokenizer's) and the library versions, so a later process
+reads it instead of converting again.
 Each UNet batch size is compiled once at a static shape, in fp32 (no reduced-precision hint).
 The text encoder and the VAE stay in torch. The converted UNet holds its own copy of the
 weights; the torch UNet is released.
@@ -19,10 +20,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-# Tokens of the text conditioning the UNet sees (CLIP's context length).
-CONTEXT_LENGTH = 77
-
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdlite" / "openvino"
@@ -45,8 +42,8 @@ def weights_fingerprint(network: nn.Module) -> str:
 class OpenVINOUNet(nn.Module):
     """Stands in for sdlite's UNet: the same call and `config`; computes with OpenVINO."""
 
-    def __init__(self, unet: nn.Module, latent_size: tuple[int, int], cache_dir: Path | None = None,
-                 threads: int | None = None):
+    def __init__(self, unet: nn.Module, latent_size: tuple[int, int], context_length: int = 77,
+                 cache_dir: Path | None = None, threads: int | None = None):
         super().__init__()
         import openvino as ov
 
@@ -54,6 +51,7 @@ class OpenVINOUNet(nn.Module):
             raise ValueError("the OpenVINO backend supports SD 1.x / 2.x UNets (no SDXL added conditioning)")
         self.config = unet.config
         self.latent_size = tuple(latent_size)
+        self.context_length = context_length  # tokens of the text conditioning (the tokenizer's length)
         self.threads = torch.get_num_threads() if threads is None else threads
         # One empty parameter so the pipeline reads the dtype (fp32) and device (cpu) as usual.
         self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
@@ -61,6 +59,7 @@ class OpenVINOUNet(nn.Module):
         cache = default_cache_dir() if cache_dir is None else Path(cache_dir)
         key = hashlib.sha256(json.dumps({
             "weights": weights_fingerprint(unet), "config": repr(unet.config), "latent": self.latent_size,
+            "context": context_length,
             "openvino": ov.__version__, "torch": torch.__version__,
         }).encode()).hexdigest()[:24]
         self.ir_path = cache / key / "unet.xml"
@@ -79,10 +78,10 @@ class OpenVINOUNet(nn.Module):
         h, w = self.latent_size
         c = self.config
         example = (torch.zeros(2, c.in_channels, h, w), torch.tensor(999.0),
-                   torch.zeros(2, CONTEXT_LENGTH, c.cross_attention_dim))
+                   torch.zeros(2, self.context_length, c.cross_attention_dim))
         # The batch dimension is left free so that it is not folded into reshapes; each batch
         # size is then fixed (static shapes) when it is compiled.
-        shapes = [[-1, c.in_channels, h, w], [], [-1, CONTEXT_LENGTH, c.cross_attention_dim]]
+        shapes = [[-1, c.in_channels, h, w], [], [-1, self.context_length, c.cross_attention_dim]]
         with torch.no_grad():
             return ov.convert_model(unet.float(), example_input=example,
                                     input=[(shape, ov.Type.f32) for shape in shapes])
@@ -93,7 +92,7 @@ class OpenVINOUNet(nn.Module):
             h, w = self.latent_size
             c = self.config
             model = self.model.clone()
-            model.reshape({0: [batch, c.in_channels, h, w], 2: [batch, CONTEXT_LENGTH, c.cross_attention_dim]})
+            model.reshape({0: [batch, c.in_channels, h, w], 2: [batch, self.context_length, c.cross_attention_dim]})
             self.compiled[batch] = self.core.compile_model(
                 model, "CPU", {"INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": "f32"}
             )
@@ -121,5 +120,5 @@ def use_openvino(sd, height: int | None = None, width: int | None = None, cache_
         raise ValueError("the OpenVINO backend runs on the CPU in float32: load the model with device='cpu', "
                          "dtype=torch.float32")
     latent = sd._latent_size(height, width)
-    sd.unet = OpenVINOUNet(sd.unet, latent, cache_dir, threads)
+    sd.unet = OpenVINOUNet(sd.unet, latent, sd.tokenizer.max_length, cache_dir, threads)
     return sd

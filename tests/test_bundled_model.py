@@ -3,7 +3,8 @@
 (a) the folder loads in diffusers.StableDiffusionPipeline (the reference) and generates a picture;
 (b) a 12-prompt subset of training/evaluate.py, generated with sdlite's own API and the model's
     defaults, meets the evaluation thresholds (every colour is a foreground at least once);
-(c) the folder fits the 16 MB package budget and carries what sdlite needs (sdlite.json, 77 tokens).
+(c) the folder fits the 16 MB package budget and carries what sdlite needs (sdlite.json; a tokenizer as
+    long as the text encoder's positions: 16 tokens, the longest training caption with bos and eos).
 """
 
 import json
@@ -29,7 +30,7 @@ def test_bundled_folder_size_and_files():
     assert set(defaults) >= {"name", "steps", "cfg", "sampler"}
     text = json.loads((BUNDLED / "text_encoder" / "config.json").read_text())
     tok = json.loads((BUNDLED / "tokenizer" / "tokenizer_config.json").read_text())
-    assert text["max_position_embeddings"] == 77 and tok["model_max_length"] == 77
+    assert text["max_position_embeddings"] == tok["model_max_length"] == 16
 
 
 def test_bundled_tokenizer_is_clip_format():

@@ -1,14 +1,16 @@
-"""Train sdlite's bundled model: a ~6M-parameter Stable Diffusion that draws coloured shapes.
+"""Train sdlite's bundled model: a ~7M-parameter Stable Diffusion that draws coloured shapes.
 
-    python training/train_bundled.py                      # everything, ~50 min on 2 CPU cores
+    python training/train_bundled.py                      # everything (times: training/README.md)
     python training/train_bundled.py --stages unet,save   # reuse the VAE and latents in --work
 
 Stages, each reading what the previous one wrote to --work (default artifacts/bundled_run):
   tokenizer  BPE vocabulary trained on the caption corpus (CLIP format, ~600 tokens)
   vae        AutoencoderKL 64x64x3 -> 16x16x4, then a colour-fidelity check of its reconstructions
-  latents    the training set encoded once (posterior mean and std), and the latent scaling factor
+  latents    the training set encoded once (posterior mean and std), the latent scaling factor, and
+             how much of each latent pixel the shape covers
   unet       CLIP text encoder + UNet2DConditionModel trained together from scratch, v-prediction
-             on a zero-terminal-SNR schedule, high timesteps oversampled, EMA weights
+             on a zero-terminal-SNR schedule, high timesteps oversampled, the loss weighted towards
+             the shape's pixels, EMA weights
   save       fp16 safetensors in the diffusers folder layout -> sdlite/data/bundled, plus sdlite.json
   eval       training/evaluate.py on the saved folder
 The model classes are diffusers' and transformers' (the reference implementation; a training-only
