@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdlite" / "openvino"
 

@@ -22,3 +22,13 @@ def test_openvino_unet_matches_torch_and_is_cached(reference_model, tmp_path):
     assert not again.unet.converted  # read back from the cache
     with pytest.raises(ValueError, match="converted for"):
         again.text_to_image("x", steps=1, height=128, width=128)
+
+
+def test_openvino_takes_the_tokenizers_context_length(tmp_path):
+    """The bundled model's context is 16 tokens, not CLIP's 77."""
+    settings = dict(prompt="a red circle on a blue background", steps=3, seed=1)
+    sd = StableDiffusion.from_pretrained()
+    assert sd.tokenizer.max_length == 16
+    torch_image = sd.text_to_image(**settings)[0]
+    ov_image = use_openvino(StableDiffusion.from_pretrained(), cache_dir=tmp_path).text_to_image(**settings)[0]
+    assert np.abs(np.asarray(torch_image, dtype=int) - np.asarray(ov_image, dtype=int)).max() <= 2

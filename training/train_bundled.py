@@ -330,8 +330,8 @@ def stage_unet(args, work: Path) -> None:
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         v = a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction target (Salimans & Ho 2022)
-        cond = text_encoder(tokens(captions))[0]  # (B, 77, 128)
-        # The shape covers 5-18% of the latent; weighting its pixels keeps the loss from being all background.
+        cond = text_encoder(tokens(captions))[0]  # (B, 16, 128)
+        # The shape covers 3-12% of the latent; weighting its pixels keeps the loss from being all background.
         weight = 1 + (args.fg_weight - 1) * coverage[idx]  # (B, 1, 16, 16)
         loss = (weight * (unet(xt, t, cond).sample - v) ** 2).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
