@@ -187,8 +187,9 @@ def release_weights(network: nn.Module) -> None:
     keeps at rest) out of this process's resident memory with madvise(MADV_DONTNEED): the kernel's
     page cache keeps them, and they fault back in when the network next runs, so a text encoder or
     VAE costs RAM only while it works. Only weights that are views of a file and were never
-    modified in place are released (for those, DONTNEED would revert the change); cast or merged
-    weights (LoRA merges replace tensors) are not file-backed."""
+    modified in place (their version counter is 0) are released: for those, DONTNEED would revert
+    the change. A write through `.data` does not count, so sdlite never writes into weights; cast or
+    merged weights (LoRA merges replace tensors) are not file-backed."""
     libc = c_library()
     if libc is None:
         return
