@@ -103,11 +103,13 @@ def keep_at_rest(network: nn.Module, compute_dtype: torch.dtype, packed: dict | 
             setattr(module, name, None)
             hosts.setdefault(host, WeightsAtRest(compute_dtype)).stored.append((path, name, value))
     shared = {name: hooks for name, hooks in hosts.items() if all(path == "" for path, _, _ in hooks.stored)}
+    sizes = {name: hooks.size() for name, hooks in shared.items()}
     scratch_size = 0
     for name, hooks in shared.items():
-        hooks.offset = sum(outer.size() for outer_name, outer in shared.items()
-                           if outer_name != name and (outer_name == "" or name.startswith(outer_name + ".")))
-        scratch_size = max(scratch_size, hooks.offset + hooks.size())
+        parts = name.split(".") if name else []
+        outer = [""] + [".".join(parts[:i]) for i in range(1, len(parts))] if name else []  # its ancestors
+        hooks.offset = sum(sizes.get(a, 0) for a in outer)
+        scratch_size = max(scratch_size, hooks.offset + sizes[name])
     scratch = Scratch(scratch_size, compute_dtype, device)
     for host, hooks in hosts.items():
         if host in shared:

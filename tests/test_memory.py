@@ -12,6 +12,17 @@ from sdlite import memory
 from sdlite.palettize import palettize
 
 
+class FirstRow(nn.Module):
+    """Reads its embedding child's weight directly (as CLIP reads its position embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 64)
+
+    def forward(self):
+        return self.embed.weight[0]
+
+
 class Scaled(nn.Module):
     """A module with a weight of its own that runs a child with another: nested weights at rest."""
 
@@ -19,10 +30,10 @@ class Scaled(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(64, 64))
         self.child = nn.Linear(64, 64)
-        self.embed = nn.Embedding(10, 64)
+        self.first_row = FirstRow()
 
     def forward(self, x):
-        return self.child(x @ self.weight) + self.embed.weight[0]
+        return self.child(x) @ self.weight + self.first_row()  # the parent's weight used after the child ran
 
 
 def at_rest_copy(network: nn.Module, packed: bool) -> nn.Module:
