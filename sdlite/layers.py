@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .memory import MADV_PAGEOUT, c_library, page_range
+from .memory import release_pages
 
 
 class Linear(nn.Linear):
@@ -71,18 +71,6 @@ def packed_weight(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     layer.__dict__["_packed"] = (weakref.ref(w), key, packed)
     release_pages(w)  # the packed copy is what runs from now on
     return packed
-
-
-def release_pages(t: torch.Tensor) -> None:
-    """Ask the kernel to take `t`'s whole pages out of this process's resident memory
-    (madvise MADV_PAGEOUT). Memory-mapped weights come back from their file if read again; the
-    contents never change (anonymous memory without swap just stays). A no-op off Linux."""
-    libc = c_library()
-    if libc is None or t.device.type != "cpu":
-        return
-    start, end = page_range(t)
-    if end > start:
-        libc.madvise(start, end - start, MADV_PAGEOUT)
 
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}

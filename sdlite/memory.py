@@ -169,10 +169,23 @@ def page_range(t: torch.Tensor) -> tuple[int, int]:
     return -(-t.data_ptr() // page) * page, (t.data_ptr() + t.numel() * t.element_size()) // page * page
 
 
+def release_pages(t: torch.Tensor) -> None:
+    """Ask the kernel to take `t`'s whole pages out of this process's resident memory
+    (madvise MADV_PAGEOUT). Memory-mapped weights come back from their file if read again; the
+    contents never change (anonymous memory without swap just stays). A no-op off Linux."""
+    libc = c_library()
+    if libc is None or t.device.type != "cpu":
+        return
+    start, end = page_range(t)
+    if end > start:
+        libc.madvise(start, end - start, MADV_PAGEOUT)
+
+
 def file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's file-backed memory mappings (Linux; else none)."""
     try:
-        lines = open("/proc/self/maps").read().splitlines()
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
     except OSError:
         return []
     ranges = []

@@ -117,10 +117,11 @@ def test_without_glibc_nothing_happens(monkeypatch):
 
 
 def resident_mib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    pytest.skip("no /proc/self/status")
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    pytest.skip("no VmRSS in /proc/self/status")
 
 
 @pytest.mark.skipif(memory.c_library() is None, reason="madvise needs Linux")
