@@ -60,15 +60,17 @@ def packed_weight(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
         key = (w.data_ptr(), w._version)
     except RuntimeError:  # an inference tensor has no version counter
         key = (w.data_ptr(), None)
-    # (weak reference to the weight, its key, packed weight); not a buffer, so no state_dict
-    # entry. The weight must be the same tensor, at the same address, unmodified.
+    # (weak reference to the weight, its key, packed weight, the weight's storage); not a buffer,
+    # so no state_dict entry. The weight must be the same tensor, at the same address, unmodified.
+    # Holding the storage keeps its address from going to another tensor while the copy is kept:
+    # a weight swapped in through `.data` could otherwise land where a freed one was packed from.
     state = layer.__dict__.get("_packed")
     if state is not None and state[0]() is w and state[1] == key:
         return state[2]
     layer.__dict__["_packed"] = None  # free the old copy first
     with torch.no_grad():
         packed = _pack_linear(layer)
-    layer.__dict__["_packed"] = (weakref.ref(w), key, packed)
+    layer.__dict__["_packed"] = (weakref.ref(w), key, packed, w.untyped_storage())
     release_pages(w)  # the packed copy is what runs from now on
     return packed
 

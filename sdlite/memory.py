@@ -15,6 +15,7 @@ VAE decoding in tiles.
 """
 
 import gc
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -27,10 +28,13 @@ class WeightsAtRest:
     materialised in `dtype` for the length of each call, into `scratch` from `offset` on if given.
     Owners are named by their path from the hooked module, not held: a module holding its own
     hooks' owners would be a reference cycle, which keeps the weights of a freed network (a
-    low-memory text encoder) alive until Python's next garbage collection."""
+    low-memory text encoder) alive until Python's next garbage collection.
+    `lock` is the network's: its modules share the scratch buffer and set attributes on shared
+    modules, so one thread at a time runs a module with weights materialised (the server's
+    workers share one model)."""
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
+    def __init__(self, dtype: torch.dtype, lock):
+        self.dtype, self.lock = dtype, lock
         self.stored = []  # (owner's path from the hooked module, parameter name, tensor or PalettizedTensor)
         self.scratch, self.offset = None, 0
 
@@ -39,6 +43,7 @@ class WeightsAtRest:
         return sum(materialised_size(v) for _, _, v in self.stored)
 
     def before(self, module: nn.Module, args) -> None:
+        self.lock.acquire()  # released by `after`, which runs even if the call fails
         start = self.offset
         for path, name, value in self.stored:
             n = materialised_size(value)
@@ -53,6 +58,7 @@ class WeightsAtRest:
     def after(self, module: nn.Module, args, output) -> None:
         for path, name, _ in self.stored:
             setattr(module.get_submodule(path), name, None)
+        self.lock.release()
 
 
 def materialised_size(value) -> int:
@@ -88,6 +94,7 @@ def keep_at_rest(network: nn.Module, compute_dtype: torch.dtype, packed: dict | 
         by_module.setdefault(module_name, {})[name] = value
     modules = dict(network.named_modules())
     hosts: dict[str, WeightsAtRest] = {}
+    lock = threading.RLock()  # re-entrant: a module's call holds it while its children run
     device = None
     for module_name, module in modules.items():
         stored = by_module.get(module_name, {})
@@ -101,7 +108,7 @@ def keep_at_rest(network: nn.Module, compute_dtype: torch.dtype, packed: dict | 
         for name, value in stored.items():
             device = value.device if isinstance(value, torch.Tensor) else value.indices.device
             setattr(module, name, None)
-            hosts.setdefault(host, WeightsAtRest(compute_dtype)).stored.append((path, name, value))
+            hosts.setdefault(host, WeightsAtRest(compute_dtype, lock)).stored.append((path, name, value))
     shared = {name: hooks for name, hooks in hosts.items() if all(path == "" for path, _, _ in hooks.stored)}
     sizes = {name: hooks.size() for name, hooks in shared.items()}
     scratch_size = 0
@@ -115,7 +122,7 @@ def keep_at_rest(network: nn.Module, compute_dtype: torch.dtype, packed: dict | 
         if host in shared:
             hooks.scratch = scratch
         modules[host].register_forward_pre_hook(hooks.before)
-        modules[host].register_forward_hook(hooks.after)
+        modules[host].register_forward_hook(hooks.after, always_call=True)
     network.compute_dtype, network.compute_device = compute_dtype, device
     network.stored_tensors = [v if isinstance(v, torch.Tensor) else v.indices
                               for hooks in hosts.values() for _, _, v in hooks.stored]  # for release_weights
@@ -237,7 +244,10 @@ def set_malloc_policy(low_memory: bool) -> None:
     weight buffers go back to the system at once. glibc otherwise raises its threshold as large
     blocks are freed and keeps freed memory in its heap. SD 2.1, 6-bit jit, 512 px (peak RSS,
     s/step): default 1,606 MiB, 10.5 s; this 1,350 MiB, 12.8 s; a 64 KiB threshold 1,348 MiB,
-    14.3 s; 8 MiB 1,405 MiB, 12.2 s. The time is fresh pages: ~2 million page faults a step."""
+    14.3 s; 8 MiB 1,405 MiB, 12.2 s. The time is fresh pages: ~2 million page faults a step.
+    Importing sdlite puts PyTorch's large tensors on transparent huge pages (sdlite/__init__.py),
+    2 MiB per fault: on a faster machine (fp32 5.0 s a step), the same 6-bit generation took 8.1
+    instead of 8.8 s a step, with 2.7 instead of 13.7 million page faults, at the same peak RSS."""
     global _low_memory_policy
     libc = c_library()
     if libc is None or not hasattr(libc, "mallopt"):

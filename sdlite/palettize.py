@@ -595,15 +595,34 @@ def mixed_bit_recipe(sd, target_db: float | str, candidates=(2, 4, 6, 8), group_
     log("uniform palettization, UNet output PSNR: " + ", ".join(f"{b} bits {p:.1f} dB" for b, p in uniform.items()))
     if isinstance(target_db, str):
         target_db = uniform[int(target_db.removesuffix("-bit"))]
+    n = sum(params[k].numel() for k in keys)
+
+    def average_bits(recipe: dict[str, int]) -> float:
+        return sum(params[k].numel() * b for k, b in recipe.items()) / n
+
+    # The summed noise is only an estimate: search the budget for the smallest recipe whose real
+    # PSNR meets the target. A miss shrinks the budget by the miss (the sum under-estimated the
+    # noise by that much); once one budget passes and another missed, bisect between them.
     budget = peak**2 / 10 ** (target_db / 10)
-    for attempt in range(5):
+    passed, missed = None, None  # the largest budget that met the target, the smallest that missed
+    best = None  # (recipe, PSNR): the fewest bits that met the target
+    for _ in range(6):
         recipe = choose(budget)
         achieved = psnr(reference, output_with({k: weight(k, b) for k, b in recipe.items()}))
-        if achieved >= target_db or attempt == 4:
-            break
-        budget *= 10 ** ((achieved - target_db) / 10)  # the sum under-estimated the noise by this much
-    n = sum(params[k].numel() for k in keys)
-    avg = sum(params[k].numel() * b for k, b in recipe.items()) / n
+        if achieved >= target_db:
+            passed = budget
+            if best is None or average_bits(recipe) < average_bits(best[0]):
+                best = (recipe, achieved)
+            if missed is None:
+                break
+        else:
+            missed = budget
+        budget = budget * 10 ** ((achieved - target_db) / 10) if passed is None else math.sqrt(passed * missed)
+    if best is None:  # nothing met the target: the widest candidate everywhere comes closest
+        recipe = {k: candidates[-1] for k in keys}
+        best = (recipe, psnr(reference, output_with({k: weight(k, b) for k, b in recipe.items()})))
+    recipe, achieved = best
+    avg = average_bits(recipe)
     counts = {b: sum(1 for v in recipe.values() if v == b) for b in candidates}
     log(f"mixed-bit recipe: {avg:.2f} bits on average over {len(keys)} layers "
         f"({', '.join(f'{c} at {b} bits' for b, c in counts.items())}), UNet output PSNR {achieved:.1f} dB "

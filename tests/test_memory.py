@@ -2,7 +2,12 @@
 network) and set_malloc_policy (what it asks of glibc, checked with a recording stand-in)."""
 
 import gc
+import os
+import subprocess
+import sys
+import threading
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +78,64 @@ def test_a_network_with_weights_at_rest_is_freed_without_the_garbage_collector()
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_threads_sharing_a_network_with_weights_at_rest_each_get_their_own_result():
+    """The server's workers run one model from several threads, and the network's modules share
+    one scratch buffer: one thread's weights must not land under another's matmul."""
+    torch.manual_seed(0)
+    network = memory.keep_at_rest(nn.Sequential(*[nn.Linear(256, 256) for _ in range(6)]).half(), torch.float32)
+    inputs = [torch.randn(64, 256) for _ in range(4)]
+    with torch.no_grad():
+        expected = [network(x) for x in inputs]
+    wrong = []
+
+    def work(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(30):
+                if not torch.equal(network(inputs[i]), expected[i]):
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
+def test_a_failing_call_leaves_the_network_usable_from_another_thread():
+    network = memory.keep_at_rest(nn.Sequential(nn.Linear(8, 8)).half(), torch.float32)
+    with pytest.raises(RuntimeError):
+        network(torch.randn(2, 9))  # wrong width: fails inside the layer
+    other = threading.Thread(target=lambda: network(torch.randn(2, 8)))
+    other.start()
+    other.join(timeout=10)
+    assert not other.is_alive()  # the lock was released
+    assert network[0].weight is None
+
+
+HUGE_PAGES_PROBE = """
+import os, sdlite, torch
+x = torch.ones(16 << 20)
+with open("/proc/self/smaps") as smaps:
+    huge = sum(int(line.split()[1]) for line in smaps if line.startswith("AnonHugePages:"))
+print(os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"), huge)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+@pytest.mark.parametrize("given", [None, "0"])
+def test_importing_sdlite_puts_large_tensors_on_huge_pages_unless_told_not_to(given):
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    done = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], env=env, capture_output=True, text=True, check=True)
+    setting, huge_kib = done.stdout.split()
+    assert setting == (given or "1")
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if given is None and mode.is_file() and "[never]" not in mode.read_text():
+        assert int(huge_kib) > 0
 
 
 class FakeLibc:

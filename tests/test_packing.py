@@ -59,3 +59,16 @@ def test_weights_materialised_per_call_are_packed_per_call():
             layer.weight = weight.clone()
             assert torch.equal(layer(x), packed_result)
     assert layer.__dict__["_packed"][0]() is None  # only the first (parameter) weight was kept
+
+
+def test_a_weight_swapped_in_where_a_freed_one_was_packed_from_is_packed_again():
+    # mixed_bit_recipe swaps trial weights in and out through `.data`: each trial's tensor tends to
+    # be allocated where the previous (freed) one was, same address and version counter.
+    torch.manual_seed(0)
+    layer, x = Linear(512, 512).eval(), torch.randn(4, 512)
+    original = layer.weight.data
+    with torch.no_grad():
+        for _ in range(4):
+            layer.weight.data = torch.randn(512, 512)
+            assert torch.allclose(layer(x), plain(layer, x), atol=1e-4)
+            layer.weight.data = original

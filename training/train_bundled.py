@@ -24,19 +24,15 @@ makes x_T pure noise, so at high t the text is the only source of colour.
 import argparse
 import json
 import math
-import os
 import random
 import shutil
 import sys
 import time
 from pathlib import Path
 
-# Threads that spin while waiting lose badly when other processes share the two cores; sleep instead.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shapes  # noqa: E402
@@ -266,11 +262,23 @@ class CaptionTokens:
         return torch.stack([self.cache[c] for c in captions])
 
 
-def sample_timesteps(n: int, g: torch.Generator, high_fraction: float) -> torch.Tensor:
-    """Uniform over [0, 1000) mixed with uniform over [700, 1000): high t decides colour and layout."""
+def sample_timesteps(n: int, g: torch.Generator, high_fraction: float, band_fraction: float) -> torch.Tensor:
+    """Uniform over [0, 1000), mixed with [700, 1000) (colour and layout are decided there) and with
+    [450, 900): there the position is already in x_t but the shape is not yet, so only the caption
+    can tell a square from a circle (training/diagnose_shape.py)."""
     t = torch.randint(0, 1000, (n,), generator=g)
     high = torch.randint(700, 1000, (n,), generator=g)
-    return torch.where(torch.rand(n, generator=g) < high_fraction, high, t)
+    band = torch.randint(450, 900, (n,), generator=g)
+    u = torch.rand(n, generator=g)
+    return torch.where(u < high_fraction, high, torch.where(u < high_fraction + band_fraction, band, t))
+
+
+def bounding_box(coverage: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) coverage -> 1 inside the shape's bounding box, else 0. The box holds both the
+    shape and the background corners another shape would fill: where shapes differ."""
+    rows = coverage.amax(dim=-1, keepdim=True) > 0.05  # (B, 1, H, 1)
+    cols = coverage.amax(dim=-2, keepdim=True) > 0.05  # (B, 1, 1, W)
+    return (rows & cols).float()
 
 
 def build_text_encoder(tokenizer):
@@ -325,14 +333,14 @@ def stage_unet(args, work: Path) -> None:
         idx = torch.randint(0, len(mean), (args.batch,), generator=g)
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling  # (B, 4, 16, 16)
         captions = ["" if rng.random() < args.uncond else scenes[i].caption(rng.choice(shapes.TEMPLATES)) for i in idx.tolist()]
-        t = sample_timesteps(args.batch, g, args.high_t)
+        t = sample_timesteps(args.batch, g, args.high_t, args.band_t)
         noise = torch.randn(x0.shape, generator=g)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         v = a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction target (Salimans & Ho 2022)
         cond = text_encoder(tokens(captions))[0]  # (B, 16, 128)
-        # The shape covers 3-12% of the latent; weighting its pixels keeps the loss from being all background.
-        weight = 1 + (args.fg_weight - 1) * coverage[idx]  # (B, 1, 16, 16)
+        # The shape's box covers 5-20% of the latent; weighting it keeps the loss from being all background.
+        weight = 1 + (args.fg_weight - 1) * bounding_box(coverage[idx])  # (B, 1, 16, 16)
         loss = (weight * (unet(xt, t, cond).sample - v) ** 2).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -471,7 +479,8 @@ def main(argv=None) -> None:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--uncond", type=float, default=0.1, help="fraction of empty captions (for classifier-free guidance)")
     p.add_argument("--high-t", type=float, default=0.1, help="fraction of timesteps drawn from [700, 1000)")
-    p.add_argument("--fg-weight", type=float, default=3.0, help="loss weight of the shape's latent pixels (background: 1)")
+    p.add_argument("--band-t", type=float, default=0.4, help="fraction of timesteps drawn from [450, 900)")
+    p.add_argument("--fg-weight", type=float, default=4.0, help="loss weight of the latent pixels in the shape's bounding box (others: 1)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--mid-eval", action="store_true", help="quick 48-image evaluation at each checkpoint")
     p.add_argument("--time-limit", type=float, default=0, help="stop the UNet stage after this many minutes (0: never)")
