@@ -524,8 +524,9 @@ def mixed_bit_recipe(sd, target_db: float | str, candidates=(2, 4, 6, 8), group_
     2. Noise from different layers adds up roughly independently, so start every layer at the
        widest width and greedily narrow the layer that saves the most bytes per unit of added noise
        while the summed noise stays within the target's budget.
-    3. Palettize with the recipe, measure the real PSNR; if it misses the target, shrink the budget
-       by the miss and choose again (at most 4 times).
+    3. Palettize with the recipe and measure the real PSNR; if it misses the target, shrink the
+       budget by the miss and choose again, then bisect between the budgets that met and missed
+       it (6 tries in all), keeping the fewest bits that met it (none met: the widest everywhere).
 
     `target_db` may also be "N-bit": the PSNR that uniform N-bit palettization reaches, to find a
     recipe of that quality in fewer bits. `latent_size` (default: the model's) sets the inputs'
