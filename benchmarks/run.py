@@ -49,9 +49,6 @@ from .models import MODELS, build_model
 from .report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-# Importing sdlite turns PyTorch's huge-page allocation on (sdlite/__init__.py); the diffusers
-# worker gets the environment as the user gave it, before anything here imported sdlite.
-USER_THP = os.environ.get("THP_MEM_ALLOC_ENABLE")
 RESULTS = Path(__file__).resolve().parent / "results"
 ENGINES = ("sdlite", "sdlite-low-memory", "diffusers", "openvino")
 DEFAULT_ENGINES = ("sdlite", "diffusers", "openvino")
@@ -98,10 +95,6 @@ def run_process(spec: dict, workdir: Path, timeout: float) -> dict:
     name = spec["engine"]
     spec_path, result_path, log_path = (workdir / f"{name}.{s}" for s in ("spec.json", "result.json", "log"))
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=str(ROOT))
-    if name == "diffusers":
-        env.pop("THP_MEM_ALLOC_ENABLE", None)
-        if USER_THP is not None:
-            env["THP_MEM_ALLOC_ENABLE"] = USER_THP
     spec = dict(spec, spawned=time.time())
     spec_path.write_text(json.dumps(spec))
     with open(log_path, "w") as log:

@@ -7,14 +7,6 @@
 Importing the package is cheap: torch is loaded on first use of `StableDiffusion`.
 """
 
-import os
-
-# PyTorch backs CPU tensors of 2 MiB and more with transparent huge pages when this is set: one
-# page fault per 2 MiB instead of per 4 KiB for every fresh activation (see sdlite.memory's
-# set_malloc_policy). PyTorch reads it once, at its first such allocation, so it is set on import,
-# before sdlite uses torch; THP_MEM_ALLOC_ENABLE=0 in the environment keeps it off.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 __version__ = "0.1.0"
 __all__ = ["StableDiffusion"]
 

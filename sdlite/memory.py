@@ -245,9 +245,11 @@ def set_malloc_policy(low_memory: bool) -> None:
     blocks are freed and keeps freed memory in its heap. SD 2.1, 6-bit jit, 512 px (peak RSS,
     s/step): default 1,606 MiB, 10.5 s; this 1,350 MiB, 12.8 s; a 64 KiB threshold 1,348 MiB,
     14.3 s; 8 MiB 1,405 MiB, 12.2 s. The time is fresh pages: ~2 million page faults a step.
-    Importing sdlite puts PyTorch's large tensors on transparent huge pages (sdlite/__init__.py),
-    2 MiB per fault: on a faster machine (fp32 5.0 s a step), the same 6-bit generation took 8.1
-    instead of 8.8 s a step, with 2.7 instead of 13.7 million page faults, at the same peak RSS."""
+    PyTorch's THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for tensors of 2 MiB and more, set
+    before the process's first allocation) made the same 6-bit generation 8.1 instead of 8.8 s a
+    step on a faster machine (2.7 instead of 13.7 million page faults) but the default fp32 path
+    at 256 px slower (end to end 32.8 vs 29.4 s, first UNet step 3.7 vs 2.3 s, peak RSS +230 MB,
+    one run each): sdlite leaves it to the user."""
     global _low_memory_policy
     libc = c_library()
     if libc is None or not hasattr(libc, "mallopt"):

@@ -2,12 +2,8 @@
 network) and set_malloc_policy (what it asks of glibc, checked with a recording stand-in)."""
 
 import gc
-import os
-import subprocess
-import sys
 import threading
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -113,29 +109,6 @@ def test_a_failing_call_leaves_the_network_usable_from_another_thread():
     other.join(timeout=10)
     assert not other.is_alive()  # the lock was released
     assert network[0].weight is None
-
-
-HUGE_PAGES_PROBE = """
-import os, sdlite, torch
-x = torch.ones(16 << 20)
-with open("/proc/self/smaps") as smaps:
-    huge = sum(int(line.split()[1]) for line in smaps if line.startswith("AnonHugePages:"))
-print(os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"), huge)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
-@pytest.mark.parametrize("given", [None, "0"])
-def test_importing_sdlite_puts_large_tensors_on_huge_pages_unless_told_not_to(given):
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if given is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = given
-    done = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], env=env, capture_output=True, text=True, check=True)
-    setting, huge_kib = done.stdout.split()
-    assert setting == (given or "1")
-    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if given is None and mode.is_file() and "[never]" not in mode.read_text():
-        assert int(huge_kib) > 0
 
 
 class FakeLibc:
