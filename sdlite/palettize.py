@@ -592,7 +592,10 @@ def mixed_bit_recipe(sd, target_db: float | str, candidates=(2, 4, 6, 8), group_
             total += noise[best, lower] - noise[best, chosen[best]]
             chosen[best] = lower
 
-    uniform = {b: psnr(reference, output_with({k: weight(k, b) for k in keys})) for b in candidates}
+    def recipe_psnr(recipe: dict[str, int]) -> float:
+        return psnr(reference, output_with({k: weight(k, b) for k, b in recipe.items()}))
+
+    uniform = {b: recipe_psnr(dict.fromkeys(keys, b)) for b in candidates}
     log("uniform palettization, UNet output PSNR: " + ", ".join(f"{b} bits {p:.1f} dB" for b, p in uniform.items()))
     if isinstance(target_db, str):
         target_db = uniform[int(target_db.removesuffix("-bit"))]
@@ -609,7 +612,7 @@ def mixed_bit_recipe(sd, target_db: float | str, candidates=(2, 4, 6, 8), group_
     best = None  # (recipe, PSNR): the fewest bits that met the target
     for _ in range(6):
         recipe = choose(budget)
-        achieved = psnr(reference, output_with({k: weight(k, b) for k, b in recipe.items()}))
+        achieved = recipe_psnr(recipe)
         if achieved >= target_db:
             passed = budget
             if best is None or average_bits(recipe) < average_bits(best[0]):
@@ -620,8 +623,8 @@ def mixed_bit_recipe(sd, target_db: float | str, candidates=(2, 4, 6, 8), group_
             missed = budget
         budget = budget * 10 ** ((achieved - target_db) / 10) if passed is None else math.sqrt(passed * missed)
     if best is None:  # nothing met the target: the widest candidate everywhere comes closest
-        recipe = {k: candidates[-1] for k in keys}
-        best = (recipe, psnr(reference, output_with({k: weight(k, b) for k, b in recipe.items()})))
+        recipe = dict.fromkeys(keys, candidates[-1])
+        best = (recipe, recipe_psnr(recipe))
     recipe, achieved = best
     avg = average_bits(recipe)
     counts = {b: sum(1 for v in recipe.values() if v == b) for b in candidates}

@@ -305,7 +305,7 @@ def stage_unet(args, work: Path) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
     data = torch.load(work / "latents.pt", weights_only=False)
     mean, std, scenes, scaling = data["mean"], data["std"], data["scenes"], data["scaling_factor"]
-    coverage = data["coverage"]
+    box = bounding_box(data["coverage"])  # (N, 1, 16, 16), once for the whole run
     text_encoder = build_text_encoder(tokenizer)
     unet = UNet2DConditionModel(**UNET_CONFIG)
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
@@ -340,7 +340,7 @@ def stage_unet(args, work: Path) -> None:
         v = a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction target (Salimans & Ho 2022)
         cond = text_encoder(tokens(captions))[0]  # (B, 16, 128)
         # The shape's box covers 5-20% of the latent; weighting it keeps the loss from being all background.
-        weight = 1 + (args.fg_weight - 1) * bounding_box(coverage[idx])  # (B, 1, 16, 16)
+        weight = 1 + (args.fg_weight - 1) * box[idx]  # (B, 1, 16, 16)
         loss = (weight * (unet(xt, t, cond).sample - v) ** 2).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
