@@ -88,7 +88,9 @@ SCHEDULER_CONFIG = dict(
     set_alpha_to_one=False,
     steps_offset=1,  # what StableDiffusionPipeline expects; unused with "trailing" spacing
 )
-DEFAULTS = {"name": "sdlite-shapes-64", "steps": 20, "cfg": 5.0, "sampler": "ddim"}
+# CFG 3, chosen on validation seeds apart from the evaluation's (training/README.md): at 5 the
+# colours slip (held-out backgrounds 88%) for no gain in shapes.
+DEFAULTS = {"name": "sdlite-shapes-64", "steps": 20, "cfg": 3.0, "sampler": "ddim"}
 
 
 def log(msg: str) -> None:
