@@ -52,6 +52,14 @@ def fmt(value: float) -> str:
     return f"{value:.3f}"
 
 
+def gemm_sources(machine: dict) -> str:
+    """"torch.mm 215, oneDNN 494 GFLOP/s; " when the probe timed more than one GEMM."""
+    gemms = machine.get("gemm_gflops", {})
+    if len(gemms) < 2:
+        return ""
+    return ", ".join(f"{name} {gflops:.0f}" for name, gflops in gemms.items()) + " GFLOP/s; "
+
+
 def markdown(results: dict) -> str:
     s, m = results["settings"], results["machine"]
     engines = list(results["engines"])
@@ -60,7 +68,7 @@ def markdown(results: dict) -> str:
         f"**{s['model']}**, {s['width']}x{s['height']} px, {s['steps']} {s['sampler']} steps, CFG {s['cfg']}, "
         f"seed {s['seed']}, {s['device']} {s['dtype']}, {s['threads']} threads. "
         f"Machine: {m.get('gpu') or m['cpu']}; matmul peak {m['gemm_peak_gflops']:.0f} GFLOP/s "
-        f"(torch {m['torch']}). UNet: {fmt(results['unet_flops'][str(one)] / 1e9)} GFLOP per call at batch "
+        f"({gemm_sources(m)}torch {m['torch']}). UNet: {fmt(results['unet_flops'][str(one)] / 1e9)} GFLOP per call at batch "
         f"{2 * one if s['cfg'] > 1 else one}.",
         "",
         "| figure | " + " | ".join(engines) + " |",

@@ -10,7 +10,8 @@ The model is a full-size random-weight checkpoint written from the reference con
 `benchmarks/configs/` (see `benchmarks.models`) and cached in ~/.cache/sdlite-bench. Every engine
 runs in its own fresh process (`benchmarks.worker`) with the same architecture, dtype, size,
 sampler, steps, seed and thread count, so import time, cold start and peak RSS are comparable. A
-probe process first counts the UNet's FLOPs and measures the machine's matmul peak. Before each
+probe process first counts the UNet's FLOPs and measures the machine's matmul peak (the best of
+torch.mm and, on the CPU in fp32, oneDNN's GEMM on a prepacked weight). Before each
 engine the model's files are read once, so every engine starts with them in the page cache (as far
 as memory allows): all engines read weights lazily, and disk reads would otherwise favour whichever
 engine runs after another has read the files.

@@ -10,8 +10,7 @@ VAE decoding in tiles.
   `AutoencoderKL.tiled_decode`, so the decoder's activations scale with the tile, not the image.
 - `release_weights`: a network's memory-mapped weights out of resident memory between uses (they
   come back from the page cache).
-- `set_malloc_policy`: how glibc's malloc keeps freed memory (speed by default, RSS in low-memory
-  mode).
+- `set_malloc_policy`: glibc's malloc keeps freed blocks for reuse (fewer page faults).
 """
 
 import gc
@@ -230,41 +229,31 @@ def release_weights(network: nn.Module) -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
 
 
-def set_malloc_policy(low_memory: bool) -> None:
-    """How glibc's malloc treats large freed blocks, process-wide (a no-op off glibc); once a model
-    has asked for low memory, the process keeps that policy.
+def set_malloc_policy() -> None:
+    """Keep freed blocks of up to 256 MiB in glibc's heap for reuse, process-wide (a no-op off
+    glibc). oneDNN allocates and frees a weight-sized buffer in every convolution call, and with
+    glibc's defaults each one is a fresh mmap whose pages fault in again: SD 2.1's 1280-channel
+    3x3 convolutions on 4x4 latents took 26 ms per call, 10 ms with this; its UNet step at 256 px,
+    2.4 s -> 2.0 s. (glibc releases that refuse thresholds over 32 MiB get 32 MiB.)
 
-    Default: keep freed blocks of up to 256 MiB for reuse. oneDNN allocates and frees a
-    weight-sized buffer in every convolution call, and with glibc's defaults each one is a fresh
-    mmap whose pages fault in again: SD 2.1's 1280-channel 3x3 convolutions on 4x4 latents took
-    26 ms per call, 10 ms with this; its UNet step at 256 px, 2.4 s -> 2.0 s. (glibc releases that
-    refuse thresholds over 32 MiB get 32 MiB.)
-
-    `low_memory`: serve allocations over 1 MiB by mmap, so that freed activations and oneDNN's
-    weight buffers go back to the system at once. glibc otherwise raises its threshold as large
-    blocks are freed and keeps freed memory in its heap. SD 2.1, 6-bit jit, 512 px (peak RSS,
-    s/step): default 1,606 MiB, 10.5 s; this 1,350 MiB, 12.8 s; a 64 KiB threshold 1,348 MiB,
-    14.3 s; 8 MiB 1,405 MiB, 12.2 s. The time is fresh pages: ~2 million page faults a step.
+    Low-memory mode uses it too. It used to give every block over 1 MiB straight back to the
+    system instead, and paid a page fault per 4 KiB of every large activation: SD 2.1, 6-bit jit,
+    512 px, 13.7 million faults and 9.5 s a step at 1,296 MiB peak RSS, against 0.3 million faults
+    and 6.0 s at 1,465 MiB with this policy. What the heap keeps is bounded by the largest
+    activations, which low-memory mode cuts by running the feed-forward layers in slices of tokens
+    (`sdlite.unet.chunk_feed_forward`): 1,377 MiB, 6.0 s. Without that, trimming the heap after
+    every step (1,444 MiB, 5.7 s) or lower thresholds (32 MiB for both: 1,498 MiB, 6.7 s; 64 MiB
+    and trimming: 1,400 MiB, 6.2 s) did less.
     PyTorch's THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for tensors of 2 MiB and more, set
-    before the process's first allocation) made the same 6-bit generation 8.1 instead of 8.8 s a
-    step on a faster machine (2.7 instead of 13.7 million page faults) but the default fp32 path
-    at 256 px slower (end to end 32.8 vs 29.4 s, first UNet step 3.7 vs 2.3 s, peak RSS +230 MB,
-    one run each): sdlite leaves it to the user."""
-    global _low_memory_policy
+    before the process's first allocation) made the default fp32 path at 256 px slower (end to end
+    32.8 vs 29.4 s, first UNet step 3.7 vs 2.3 s, peak RSS +230 MB, one run each): sdlite leaves it
+    to the user."""
     libc = c_library()
     if libc is None or not hasattr(libc, "mallopt"):
         return
-    _low_memory_policy = _low_memory_policy or low_memory
-    if _low_memory_policy:
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)  # fixing it also stops its dynamic growth
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)  # free heap tops above this go back
-    else:
-        if not libc.mallopt(M_MMAP_THRESHOLD, 256 << 20):
-            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
-_low_memory_policy = False
+    if not libc.mallopt(M_MMAP_THRESHOLD, 256 << 20):
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def c_library():

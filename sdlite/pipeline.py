@@ -25,7 +25,7 @@ from .memory import (OnDemand, decode_tiled, keep_at_rest, network_device, netwo
 from .samplers import SAMPLERS, default_sampler, make_plan
 from .schedules import ScheduleConfig
 from .tokenizer import CLIPTokenizer
-from .unet import UNet2DConditionModel
+from .unet import UNet2DConditionModel, chunk_feed_forward
 from .vae import AutoencoderKL
 
 BUNDLED_MODEL = Path(__file__).parent / "data" / "bundled"
@@ -110,11 +110,12 @@ class StableDiffusion:
         the CPU. `low_memory` loads the text encoder only to encode and the VAE only to decode (in
         tiles of `vae_tile_size` latents). Palettized folders (`sdlite compress`) rebuild each
         weight just before use (`palettized_mode="jit"`) or unpack them all at load ("fast").
-        Loading also sets the process's malloc policy (`sdlite.memory.set_malloc_policy`): on the
-        CPU, large freed blocks are kept for reuse, which is faster; after a low-memory load they
-        go back to the system at once, for good. On the CPU the text encoders and the VAE give
-        their memory-mapped weights' pages back after each use (`sdlite.memory.release_weights`);
-        in low-memory mode the UNet does too while the VAE decodes."""
+        Low-memory mode also runs the UNet's feed-forward layers over 1,024 tokens at a time
+        (`sdlite.unet.chunk_feed_forward`). On the CPU, loading sets the process's malloc policy
+        (`sdlite.memory.set_malloc_policy`: large freed blocks are kept for reuse), and the text
+        encoders and the VAE give their memory-mapped weights' pages back after each use
+        (`sdlite.memory.release_weights`); in low-memory mode the UNet does too while the VAE
+        decodes."""
         path = BUNDLED_MODEL if path is None else Path(path)
         source = open_checkpoint(path, device, allow_pickle, prediction_type, palettized_mode)
         configs = source.configs
@@ -158,9 +159,10 @@ class StableDiffusion:
         sd.low_memory = low_memory
         if low_memory:
             sd.vae_tile_size = 32
-        if low_memory or sd.device.type == "cpu":
-            set_malloc_policy(low_memory)
-        if sd.device.type == "cpu":  # used once per image: resident only while they run
+            chunk_feed_forward(sd.unet, 1024)
+        if sd.device.type == "cpu":
+            set_malloc_policy()
+            # used once per image: resident only while they run
             for network in (sd.text_encoder, sd.text_encoder_2, sd.vae):
                 if isinstance(network, torch.nn.Module):
                     network.release_after_use = True

@@ -127,29 +127,23 @@ class FakeLibc:
 def libc(monkeypatch):
     fake = FakeLibc()
     monkeypatch.setattr(memory, "c_library", lambda: fake)
-    monkeypatch.setattr(memory, "_low_memory_policy", False)
     return fake
 
 
-def test_default_keeps_freed_blocks_and_low_memory_gives_them_back_for_good(libc):
-    memory.set_malloc_policy(low_memory=False)
+def test_freed_blocks_up_to_256_mib_are_kept(libc):
+    memory.set_malloc_policy()
     assert libc.settings == {memory.M_MMAP_THRESHOLD: 256 << 20, memory.M_TRIM_THRESHOLD: 1 << 30}
-    memory.set_malloc_policy(low_memory=True)
-    low = {memory.M_MMAP_THRESHOLD: 1 << 20, memory.M_TRIM_THRESHOLD: 1 << 20}
-    assert libc.settings == low
-    memory.set_malloc_policy(low_memory=False)  # a later ordinary load does not undo it
-    assert libc.settings == low
 
 
 def test_a_glibc_that_refuses_large_thresholds_gets_32_mib(libc):
     libc.max_mmap_threshold = 32 << 20
-    memory.set_malloc_policy(low_memory=False)
+    memory.set_malloc_policy()
     assert libc.settings[memory.M_MMAP_THRESHOLD] == 32 << 20
 
 
 def test_without_glibc_nothing_happens(monkeypatch):
     monkeypatch.setattr(memory, "c_library", lambda: None)
-    memory.set_malloc_policy(low_memory=True)  # no error
+    memory.set_malloc_policy()  # no error
 
 
 def resident_mib() -> float:

@@ -14,7 +14,7 @@ import torch
 from reference_models import CROSS_ATTENTION_DIM, build_components
 from sdlite.clip import CLIPTextModel
 from sdlite.config import CLIPConfig, UNetConfig, VAEConfig
-from sdlite.unet import UNet2DConditionModel
+from sdlite.unet import UNet2DConditionModel, chunk_feed_forward
 from sdlite.vae import AutoencoderKL
 
 REFERENCE_CONFIGS = Path("/work/shared/reference-configs")
@@ -147,6 +147,20 @@ def test_unet(components):
         x, ctx = unet_inputs(2, H, W, CROSS_ATTENTION_DIM)
         with torch.no_grad():
             assert_close(ours(x, t, ctx), ref(x, t, ctx).sample)
+
+
+def test_feed_forward_in_token_slices_matches_the_whole(components):
+    """Low-memory mode's chunk_feed_forward: the same UNet output, slices of 7 tokens (the last
+    one shorter) against all 64 at once, and a no-op for calls with fewer tokens."""
+    ref = components["unet"]
+    ours = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(ref.config)), ref.state_dict())
+    x, ctx = unet_inputs(2, 8, 8, CROSS_ATTENTION_DIM)
+    with torch.no_grad():
+        whole = ours(x, 500, ctx)
+        chunk_feed_forward(ours, 7)
+        assert_close(ours(x, 500, ctx), whole, tol=1e-6)
+        chunk_feed_forward(ours, 64)  # no call has more than 64 tokens: nothing is cut
+        assert torch.equal(ours(x, 500, ctx), whole)
 
 
 def test_unet_sdxl(sdxl):
