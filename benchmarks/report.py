@@ -14,6 +14,7 @@ METRICS = [
     ("unet_step_s", "UNet step (median)", "s", True),
     ("vae_decode_s", "VAE decode", "s", True),
     ("end_to_end_s", "end to end", "s", True),
+    ("first_image_s", "spawn to first image", "s", True),
     ("peak_rss_mb", "peak RSS", "MB", True),
     ("peak_gpu_mb", "peak GPU memory", "MB", True),
 ]

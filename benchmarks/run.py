@@ -27,6 +27,7 @@ classifier-free guidance, i.e. the UNet runs on a batch of 2):
     UNet first step the first UNet call; UNet step: the median of the others
     VAE decode      the VAE decoder's calls (sdlite-low-memory: `decode`, loading the VAE)
     end to end      the whole text-to-image call (tokenising to PIL image)
+    spawn to first image  cold start, then that call: what a one-shot command-line run waits
     peak RSS        the process's peak resident memory after the generation
     GFLOP/s         UNet FLOPs per call / median step time, and its fraction of the matmul peak
     img/s @ n       UNet throughput for n images with CFG (a batch of 2n) per step, median of --reps

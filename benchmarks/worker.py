@@ -304,6 +304,7 @@ def main(spec_path: str, result_path: str) -> None:
         t0 = clock.now()
         images = engine.generate()
         result["end_to_end_s"] = clock.now() - t0
+    result["first_image_s"] = time.time() - spec["spawned"]  # process spawn -> first image
     result["peak_rss_mb"] = peak_rss_mb()
     if spec["device"].startswith("cuda"):
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -53,7 +53,7 @@ def test_quick_benchmark_end_to_end(tmp_path):
         assert any(n.startswith("openvino skipped") for n in results["notes"])
     for name, r in engines.items():
         for key in ("import_s", "load_s", "cold_start_s", "text_encoding_s", "unet_first_step_s", "unet_step_s",
-                    "vae_decode_s", "end_to_end_s", "peak_rss_mb"):
+                    "vae_decode_s", "end_to_end_s", "first_image_s", "peak_rss_mb"):
             assert r[key] > 0, (name, key)
         assert set(r["unet_images_per_s"]) == {"1", "2"}
         assert len(r["unet_steps"]) >= 3

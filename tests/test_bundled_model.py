@@ -95,6 +95,7 @@ def test_bundled_quality_subset_meets_targets(subset_report):
 
 
 def test_bundled_quality_subset_no_regression(subset_report):
-    """What the committed model does reach (full evaluation: training/eval_report.json)."""
+    """Near what the committed model reaches on these 12 (fg 12, bg 12, shape 7; full evaluation:
+    training/eval_report.json), with a margin for other CPUs' rounding."""
     scores = subset_report["all"]
-    assert scores["bg"] >= 0.9 and scores["fg"] >= 0.5, (scores, _misses(subset_report))
+    assert scores["bg"] >= 0.9 and scores["fg"] >= 0.8 and scores["shape"] >= 0.4, (scores, _misses(subset_report))
