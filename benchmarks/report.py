@@ -54,7 +54,7 @@ def fmt(value: float) -> str:
 
 
 def gemm_sources(machine: dict) -> str:
-    """"torch.mm 215, oneDNN 494 GFLOP/s; " when the probe timed more than one GEMM."""
+    """The probe's GEMM rates, e.g. 'torch.mm 215, oneDNN 494 GFLOP/s; ', when it timed more than one."""
     gemms = machine.get("gemm_gflops", {})
     if len(gemms) < 2:
         return ""

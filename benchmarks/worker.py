@@ -230,7 +230,7 @@ def probe(spec: dict) -> dict:
         if device == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
             # oneDNN's GEMM on a prepacked weight, as sdlite's Linear runs it: on CPUs where
             # torch.mm's BLAS takes a slower code path (AVX2 on an AVX-512 AMD CPU: 215 against
-            # 494 GFLOP/s) it is the machine's peak, and the UNets' convolutions reach it too.
+            # 494 GFLOP/s) it is the machine's peak; the UNets' convolutions run on oneDNN too.
             packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
             gemms["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
         for name, gemm in gemms.items():
