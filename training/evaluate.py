@@ -2,6 +2,7 @@
 
     python training/evaluate.py                      # sdlite engine, the model's defaults (sdlite.json)
     python training/evaluate.py --engine diffusers   # the reference pipeline instead
+    python training/evaluate.py --validation --cfg 3 # other draws, for choosing defaults
 
 Prompts: every training (colour, shape, background) combination once and every held-out
 combination four times (204 pictures), all in the evaluation template "a {fg} {shape} on a {bg}
@@ -24,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "sdlite" / "data" / "bundled"
 HERE = Path(__file__).resolve().parent
 THRESHOLDS = {"fg": 0.90, "bg": 0.90, "shape": 0.75}
+# Validation (--validation), for choosing sampling defaults without the evaluation's own draws:
+# the same combinations with positions and sizes drawn from another seed, and other image seeds.
+VALIDATION_SCENE_SEED, VALIDATION_IMAGE_SEED = 7, 10_000
 
 DIFFUSERS_SCHEDULERS = {  # sdlite sampler name -> diffusers scheduler class
     "ddim": "DDIMScheduler",
@@ -154,13 +158,14 @@ def sample_grid(images: list, scenes: list, path: Path, cols: int = 12, scale: i
 
 
 def evaluate(folder: Path = BUNDLED, engine: str = "sdlite", steps=None, cfg=None, sampler=None,
-             limit: int | None = None, scenes=None, quiet: bool = False, grid: Path | None = None) -> dict:
+             limit: int | None = None, scenes=None, quiet: bool = False, grid: Path | None = None,
+             validation: bool = False) -> dict:
     defaults = load_defaults(folder)
     steps = defaults["steps"] if steps is None else steps
     cfg = defaults["cfg"] if cfg is None else cfg
     sampler = defaults["sampler"] if sampler is None else sampler
     if scenes is None:
-        scenes = shapes.eval_scenes()
+        scenes = shapes.eval_scenes(seed=VALIDATION_SCENE_SEED if validation else 0)
         if limit is not None:
             scenes = subset(scenes, limit)
     # 1. the classifier on ground-truth renderings of the same scenes
@@ -168,7 +173,7 @@ def evaluate(folder: Path = BUNDLED, engine: str = "sdlite", steps=None, cfg=Non
     # 2. generations
     gen = Generator(folder, engine, sampler)
     prompts = [s.caption() for s, _ in scenes]
-    seeds = list(range(len(scenes)))
+    seeds = [(VALIDATION_IMAGE_SEED if validation else 0) + i for i in range(len(scenes))]
     t0 = time.time()
     images = gen(prompts, seeds, steps, cfg)
     seconds = time.time() - t0
@@ -208,15 +213,25 @@ def main(argv=None) -> dict:
     p.add_argument("--cfg", type=float)
     p.add_argument("--sampler", choices=list(DIFFUSERS_SCHEDULERS))
     p.add_argument("--limit", type=int, help="evaluate only this many prompts (spread over all combos)")
-    p.add_argument("--report", type=Path, default=HERE / "eval_report.json")
-    p.add_argument("--grid", type=Path, default=HERE / "sample_grid.png")
+    p.add_argument("--validation", action="store_true",
+                   help="validation draws (other positions, sizes and image seeds); writes no files unless asked")
+    p.add_argument("--report", type=Path, help="default training/eval_report.json (none with --validation)")
+    p.add_argument("--grid", type=Path, help="default training/sample_grid.png (none with --validation)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    report = evaluate(args.folder, args.engine, args.steps, args.cfg, args.sampler, args.limit, grid=args.grid)
+    if not args.validation:
+        args.report = args.report or HERE / "eval_report.json"
+        args.grid = args.grid or HERE / "sample_grid.png"
+    report = evaluate(args.folder, args.engine, args.steps, args.cfg, args.sampler, args.limit, grid=args.grid,
+                      validation=args.validation)
     report.pop("_images")
+    if args.validation:
+        if args.report:
+            args.report.write_text(json.dumps(report, indent=1) + "\n")
+        return report
     report["one_image_with_defaults"] = time_one_image(args.folder, args.engine)
     print("one_image_with_defaults", json.dumps(report["one_image_with_defaults"]))
     args.report.write_text(json.dumps(report, indent=1) + "\n")
