@@ -14,7 +14,7 @@ import torch
 from reference_models import CROSS_ATTENTION_DIM, build_components
 from sdlite.clip import CLIPTextModel
 from sdlite.config import CLIPConfig, UNetConfig, VAEConfig
-from sdlite.unet import UNet2DConditionModel, chunk_feed_forward
+from sdlite.unet import GEGLU, UNet2DConditionModel, chunk_feed_forward
 from sdlite.vae import AutoencoderKL
 
 REFERENCE_CONFIGS = Path("/work/shared/reference-configs")
@@ -155,10 +155,17 @@ def test_feed_forward_in_token_slices_matches_the_whole(components):
     ref = components["unet"]
     ours = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(ref.config)), ref.state_dict())
     x, ctx = unet_inputs(2, 8, 8, CROSS_ATTENTION_DIM)
+    tokens_per_call = []  # tokens of each GEGLU call, to see the slices happen
+    for module in ours.modules():
+        if isinstance(module, GEGLU):
+            module.register_forward_pre_hook(lambda m, args: tokens_per_call.append(args[0].shape[1]))
     with torch.no_grad():
         whole = ours(x, 500, ctx)
+        assert 64 in tokens_per_call
+        tokens_per_call.clear()
         chunk_feed_forward(ours, 7)
         assert_close(ours(x, 500, ctx), whole, tol=1e-6)
+        assert max(tokens_per_call) == 7 and 1 in tokens_per_call  # 64 = 9 * 7 + 1
         chunk_feed_forward(ours, 64)  # no call has more than 64 tokens: nothing is cut
         assert torch.equal(ours(x, 500, ctx), whole)
 

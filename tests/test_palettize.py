@@ -14,6 +14,7 @@ from sdlite import StableDiffusion
 from sdlite.loading import CheckpointError
 from sdlite.memory import decode_tiled
 from sdlite.palettize import (BITS, PalettizedTensor, compress, kmeans_1d, pack_bits, palettize, unpack_bits)
+from sdlite.unet import FeedForward
 
 MIN_ELEMENTS = 1000
 SETTINGS = dict(steps=3, seed=0, cfg=5.0)
@@ -126,6 +127,7 @@ def test_fp16_at_rest_is_close_to_fp32(source, reference_pixels):
 def test_low_memory_gives_the_same_image(source, palettized, reference_pixels):
     sd = StableDiffusion.from_pretrained(source, low_memory=True)
     assert not isinstance(sd.text_encoder, torch.nn.Module) and not isinstance(sd.vae, torch.nn.Module)
+    assert {m.chunk_tokens for m in sd.unet.modules() if isinstance(m, FeedForward)} == {1024}
     assert np.array_equal(pixels(sd), reference_pixels)
     out = palettized(4)
     assert np.array_equal(pixels(StableDiffusion.from_pretrained(out, low_memory=True)),
