@@ -3,7 +3,7 @@ palettization and a mixed-bit recipe (each palettized model in jit and fast mode
 peak RSS of one generation (loading included), seconds per denoising step, PSNR of the final image
 against fp32, and for the bundled model the colour/shape accuracy of training/evaluate.py.
 
-    flock /tmp/sdlite-heavy.lock python benchmarks/compression.py sd-2.1-base --steps 3
+    flock /tmp/sdlite-heavy.lock python benchmarks/compression.py sd-2.1-base --steps 3 --rounds 3
     python benchmarks/compression.py bundled --eval-scenes 48
 
 Models: "sd-2.1-base" (random weights from the reference configs, benchmarks/models.py) or
@@ -12,8 +12,10 @@ Models: "sd-2.1-base" (random weights from the reference configs, benchmarks/mod
 (VmHWM) is its own. Every row but "fp32" runs in low-memory mode (text encoder and VAE loaded only
 while used, VAE decoded in 32-latent tiles); PSNR compares with the fp32 image decoded the same way
 (the "fp32 low-memory" row gives the cost of tiling alone, against plain fp32). Seconds per step:
-the mean over the steps after the first. Results: benchmarks/results/compression-<model>.json and
-a Markdown table on stdout.
+the mean over the steps after the first. With --rounds N every setting is measured N times, the
+settings in turn (step times here drift by 10-30% over minutes), and a row gives the median
+seconds per step and the largest peak RSS. Results: benchmarks/results/compression-<model>.json
+and a Markdown table on stdout.
 """
 
 import argparse
@@ -66,7 +68,7 @@ def prepare(model: str, bits: list[int], mixed_db: float | None, mixed_options: 
     """setting name -> (model folder, from_pretrained keywords), building what is missing."""
     import torch  # noqa: F401  (the compressors need it; imported here so --help stays quick)
 
-    from sdlite.palettize import compress
+    from sdlite.palettize import VERSION, compress
 
     source = source_folder(model)
     cache = CACHE / model
@@ -84,7 +86,8 @@ def prepare(model: str, bits: list[int], mixed_db: float | None, mixed_options: 
         label = f"mixed (= {mixed_db} PSNR)" if mixed_db.endswith("-bit") else f"mixed {target:g} dB"
         variants.append((label, dict(mixed_bit=target, **mixed_options)))
     for name, options in variants:
-        folder = cache / "".join(c if c.isalnum() or c in "-." else "-" for c in name)
+        # named with the format version: copies in an older format are built again
+        folder = cache / ("".join(c if c.isalnum() or c in "-." else "-" for c in name) + f"-v{VERSION}")
         if not (folder / "summary.json").is_file():  # written last: the folder is complete
             import shutil
 
@@ -165,8 +168,9 @@ def image_psnr(a: Path, b: Path) -> float:
 
 
 def table(rows: list[dict], with_eval: bool) -> str:
-    head = "| setting | size on disk | peak RSS | s / step | PSNR vs fp32 |"
-    rule = "|---|---:|---:|---:|---:|"
+    head = "| setting | size on disk | peak RSS | s / step | vs fp32 | PSNR vs fp32 |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    fp32 = next((r["seconds_per_step"] for r in rows if r["setting"] == "fp32"), math.nan)
     if with_eval:
         head += " fg colour | bg colour | shape |"
         rule += "---:|---:|---:|"
@@ -174,7 +178,7 @@ def table(rows: list[dict], with_eval: bool) -> str:
     for r in rows:
         psnr = "(reference)" if r["setting"] == "fp32" else "n/a" if r["psnr"] is None else ("identical" if math.isinf(r["psnr"]) else f"{r['psnr']:.1f} dB")
         line = (f"| {r['setting']} | {r['bytes'] / 2**20:,.0f} MiB | {r['peak_rss'] / 2**20:,.0f} MiB | "
-                f"{r['seconds_per_step']:.2f} | {psnr} |")
+                f"{r['seconds_per_step']:.2f} | {r['seconds_per_step'] / fp32:.2f}x | {psnr} |")
         if with_eval:
             scores = r.get("evaluation", {}).get("all", {})
             line += "".join(f" {scores.get(k, float('nan')):.2f} |" for k in ("fg", "bg", "shape"))
@@ -192,6 +196,8 @@ def main(argv=None) -> int:
                         help="target UNet-output PSNR (dB) of the mixed recipe, or N-bit: uniform N-bit's PSNR")
     parser.add_argument("--mixed-latent", type=int, default=None, help="latent size of the sensitivity inputs")
     parser.add_argument("--mixed-inputs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every setting this many times, in turn; the table takes medians")
     parser.add_argument("--only", nargs="*", default=None, help="settings to measure (default: all)")
     parser.add_argument("--prepare-only", action="store_true", help="build the compressed copies, measure nothing")
     parser.add_argument("--eval-scenes", type=int, default=0, help="bundled: images graded per setting")
@@ -215,28 +221,45 @@ def main(argv=None) -> int:
     images.mkdir(parents=True, exist_ok=True)
     rows = dict(previous)  # setting -> row; earlier runs' rows stay unless measured again
     order = list(settings) if args.only is None else [n for n in args.only if n in settings]
-    for name in order:
-        folder, kwargs = settings[name]
-        image = images / (name.replace(" ", "_") + ".png")
-        command = [sys.executable, __file__, args.model, "--measure", str(folder), json.dumps(kwargs),
-                   "--steps", str(args.steps), "--image", str(image), "--eval-scenes", str(args.eval_scenes)]
-        if args.size is not None:
-            command += ["--size", str(args.size)]
-        print(f"measuring {name}", flush=True)
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        if done.returncode:
-            print(done.stderr[-3000:], file=sys.stderr)
-            continue
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        row.update(setting=name, folder=str(folder), kwargs=kwargs, bytes=folder_bytes(folder), image=str(image))
-        summary = folder / "summary.json"
-        if summary.is_file():
-            row["compression"] = json.loads(summary.read_text())
-        rows[name] = row
-        print(f"  {row['seconds_per_step']:.2f} s/step, peak RSS {row['peak_rss'] / 2**20:.0f} MiB", flush=True)
-        write_results(results_path, args, rows)
+    runs: dict[str, list[dict]] = {}  # setting -> one measurement per round
+    for round_index in range(args.rounds):  # settings in turn, round after round: drift hits all alike
+        for name in order:
+            folder, kwargs = settings[name]
+            image = images / (name.replace(" ", "_") + ".png")
+            eval_scenes = args.eval_scenes if round_index == 0 else 0  # the images are the same every round
+            command = [sys.executable, __file__, args.model, "--measure", str(folder), json.dumps(kwargs),
+                       "--steps", str(args.steps), "--image", str(image), "--eval-scenes", str(eval_scenes)]
+            if args.size is not None:
+                command += ["--size", str(args.size)]
+            print(f"measuring {name} (round {round_index + 1} of {args.rounds})", flush=True)
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            if done.returncode:
+                print(done.stderr[-3000:], file=sys.stderr)
+                continue
+            runs.setdefault(name, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+            row = combine_rounds(runs[name])
+            row.update(setting=name, folder=str(folder), kwargs=kwargs, bytes=folder_bytes(folder), image=str(image))
+            summary = folder / "summary.json"
+            if summary.is_file():
+                row["compression"] = json.loads(summary.read_text())
+            rows[name] = row
+            print(f"  {runs[name][-1]['seconds_per_step']:.2f} s/step, peak RSS "
+                  f"{runs[name][-1]['peak_rss'] / 2**20:.0f} MiB", flush=True)
+            write_results(results_path, args, rows)
     print(table(write_results(results_path, args, rows), args.eval_scenes > 0))
     return 0
+
+
+def combine_rounds(results: list[dict]) -> dict:
+    """One row from a setting's measurements: the median seconds per step, the largest peak RSS,
+    the first round's other figures (and evaluation), and every round's two figures."""
+    import statistics
+
+    row = dict(results[0])
+    row["seconds_per_step"] = statistics.median(r["seconds_per_step"] for r in results)
+    row["peak_rss"] = max(r["peak_rss"] for r in results)
+    row["rounds"] = [{k: r[k] for k in ("seconds_per_step", "peak_rss", "load_s")} for r in results]
+    return row
 
 
 def write_results(path: Path, args, rows: dict) -> list[dict]:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import sdlite.palettize as palettize_module
 from sdlite import StableDiffusion
 from sdlite.loading import CheckpointError
 from sdlite.memory import decode_tiled
@@ -232,18 +233,29 @@ def test_cli_compress_and_generate_with_low_memory(source, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_unpacking_into_a_buffer_in_threads_gives_the_same_weight(bits):
-    """Large tensors are decoded by several threads, into a caller's buffer (weights at rest)."""
+def test_unpacking_by_blocks_into_a_buffer_gives_the_weight(bits, monkeypatch):
+    """Codes are decoded block by block (here blocks of 1,000 codes, so many blocks and a ragged
+    last one), into a caller's buffer (weights at rest), with any number of threads."""
+    monkeypatch.setattr(palettize_module, "CODE_BLOCK", 1000)
     torch.manual_seed(2)
-    p = palettize(torch.randn(640, 1000), bits)  # 640,000 values: several threads' share
+    index = torch.randint(0, 2**bits, (64_003,), dtype=torch.uint8)
+    lut = torch.randn(1, 2**bits).half()
+    p = PalettizedTensor(lut, pack_bits(index, bits), (64_003,), bits)
     buffer = torch.full((p.padded_numel + 5,), float("nan"))
     into_buffer = p.unpack(torch.float32, out=buffer)
-    assert into_buffer.data_ptr() == buffer.data_ptr() and into_buffer.shape == (640, 1000)
-    index = unpack_bits(p.indices, bits, p.numel).long()
-    assert torch.equal(into_buffer, p.lut[0].float()[index].view(640, 1000))
+    assert into_buffer.data_ptr() == buffer.data_ptr()
+    assert torch.equal(into_buffer, lut[0].float()[index.long()])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         assert torch.equal(p.unpack(torch.float32), into_buffer)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_six_bit_layout():
+    """Version 2's 6-bit layout (the module docstring): 12-bit codes of index pairs, their low
+    bytes, then a byte of high nibbles for codes j and j + m/2."""
+    packed = pack_bits(torch.tensor([1, 2, 3, 4, 0, 0, 0, 63], dtype=torch.uint8), 6)
+    # codes 1 | 2 << 6 = 129, 3 | 4 << 6 = 259, 0, 63 << 6 = 4032 (0xFC0)
+    assert packed.tolist() == [129, 259 & 255, 0, 4032 & 255, 0, 1 | (4032 >> 8) << 4]
