@@ -170,15 +170,16 @@ def image_psnr(a: Path, b: Path) -> float:
 def table(rows: list[dict], with_eval: bool) -> str:
     head = "| setting | size on disk | peak RSS | s / step | vs fp32 | PSNR vs fp32 |"
     rule = "|---|---:|---:|---:|---:|---:|"
-    fp32 = next((r["seconds_per_step"] for r in rows if r["setting"] == "fp32"), math.nan)
+    fp32 = next((r["seconds_per_step"] for r in rows if r["setting"] == "fp32"), None)
     if with_eval:
         head += " fg colour | bg colour | shape |"
         rule += "---:|---:|---:|"
     lines = [head, rule]
     for r in rows:
+        ratio = "n/a" if fp32 is None else f"{r['seconds_per_step'] / fp32:.2f}x"
         psnr = "(reference)" if r["setting"] == "fp32" else "n/a" if r["psnr"] is None else ("identical" if math.isinf(r["psnr"]) else f"{r['psnr']:.1f} dB")
         line = (f"| {r['setting']} | {r['bytes'] / 2**20:,.0f} MiB | {r['peak_rss'] / 2**20:,.0f} MiB | "
-                f"{r['seconds_per_step']:.2f} | {r['seconds_per_step'] / fp32:.2f}x | {psnr} |")
+                f"{r['seconds_per_step']:.2f} | {ratio} | {psnr} |")
         if with_eval:
             scores = r.get("evaluation", {}).get("all", {})
             line += "".join(f" {scores.get(k, float('nan')):.2f} |" for k in ("fg", "bg", "shape"))

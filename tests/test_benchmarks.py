@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from benchmarks import models, run
+from benchmarks import compression, models, run
 
 
 def test_reference_model_sizes_match_the_real_checkpoints():
@@ -82,3 +82,14 @@ def test_quick_sdxl_benchmark_end_to_end(tmp_path):
     assert results["unet_flops"]["2"] > results["unet_flops"]["1"] > 0
     for r in results["engines"].values():  # batch 2: a UNet call with SDXL's added conditioning
         assert r["unet_images_per_s"]["2"] > 0
+
+
+def test_compression_rounds_give_the_median_step_and_the_largest_peak_rss():
+    runs = [{"seconds_per_step": s, "peak_rss": rss, "load_s": 0.1, "evaluation": {"n": i}}
+            for i, (s, rss) in enumerate([(6.0, 100), (5.0, 300), (9.0, 200)])]
+    row = compression.combine_rounds(runs)
+    assert row["seconds_per_step"] == 6.0 and row["peak_rss"] == 300
+    assert row["evaluation"] == {"n": 0} and len(row["rounds"]) == 3
+    rows = [dict(row, setting="fp32", bytes=1, psnr=None), dict(row, setting="6-bit jit", seconds_per_step=7.5,
+                                                                 bytes=1, psnr=25.0)]
+    assert "| 7.50 | 1.25x | 25.0 dB |" in compression.table(rows, with_eval=False)
