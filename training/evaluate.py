@@ -228,13 +228,11 @@ def main(argv=None) -> dict:
     report = evaluate(args.folder, args.engine, args.steps, args.cfg, args.sampler, args.limit, grid=args.grid,
                       validation=args.validation)
     report.pop("_images")
-    if args.validation:
-        if args.report:
-            args.report.write_text(json.dumps(report, indent=1) + "\n")
-        return report
-    report["one_image_with_defaults"] = time_one_image(args.folder, args.engine)
-    print("one_image_with_defaults", json.dumps(report["one_image_with_defaults"]))
-    args.report.write_text(json.dumps(report, indent=1) + "\n")
+    if not args.validation:
+        report["one_image_with_defaults"] = time_one_image(args.folder, args.engine)
+        print("one_image_with_defaults", json.dumps(report["one_image_with_defaults"]))
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
