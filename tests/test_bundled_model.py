@@ -88,14 +88,26 @@ def _misses(report):
     return [r for r in report["readings"] if (r["fg"], r["bg"], r["shape"]) != tuple(r["prompt"].split()[i] for i in (1, 5, 2))]
 
 
-@pytest.mark.xfail(reason="the bundled model is below the shape target (training/README.md)", strict=False)
 def test_bundled_quality_subset_meets_targets(subset_report):
+    """The quality targets on 12 images (the committed model: fg 12, bg 12, shape 10; 9 needed.
+    Full evaluation: training/eval_report.json)."""
     scores = subset_report["all"]
     assert scores["fg"] >= 0.9 and scores["bg"] >= 0.9 and scores["shape"] >= 0.75, (scores, _misses(subset_report))
 
 
-def test_bundled_quality_subset_no_regression(subset_report):
-    """Near what the committed model reaches on these 12 (fg 12, bg 12, shape 7; full evaluation:
-    training/eval_report.json), with a margin for other CPUs' rounding."""
-    scores = subset_report["all"]
-    assert scores["bg"] >= 0.9 and scores["fg"] >= 0.8 and scores["shape"] >= 0.4, (scores, _misses(subset_report))
+def test_classifier_reads_rendered_scenes_and_counts_pieces():
+    import numpy as np
+    from PIL import Image
+
+    import shapes
+
+    scenes = [shapes.Scene(fg, shape, bg, pos, size) for (fg, shape, bg), pos, size in
+              zip(shapes.ALL_COMBOS[::7], list(shapes.POSITIONS) * 9, list(shapes.SIZES) * 20)]
+    for scene in scenes:
+        reading = shapes.classify(shapes.render(scene))
+        assert (reading.fg, reading.shape, reading.bg, reading.pieces) == (scene.fg, scene.shape, scene.bg, 1), scene
+    left = np.asarray(shapes.render(shapes.Scene("red", "square", "blue", "left", "small")))
+    right = np.asarray(shapes.render(shapes.Scene("red", "square", "blue", "right", "small")))
+    both = np.where((right != right[0, 0]).any(-1, keepdims=True), right, left)  # right's square pasted on left
+    reading = shapes.classify(Image.fromarray(both))
+    assert (reading.fg, reading.bg, reading.pieces) == ("red", "blue", 2)  # its shape reads the pair's box

@@ -128,7 +128,7 @@ def grade(images: list, scenes: list[tuple[shapes.Scene, bool]]) -> dict:
         for sh in shapes.SHAPES if any(s.shape == sh for s, _ in scenes)
     }
     report["readings"] = [
-        {"prompt": s.caption(), "held_out": h, "fg": r.fg, "shape": r.shape, "bg": r.bg, "fill": round(r.fill, 3), "balance": round(r.balance, 3)}
+        {"prompt": s.caption(), "held_out": h, "fg": r.fg, "shape": r.shape, "bg": r.bg, "fill": round(r.fill, 3), "balance": round(r.balance, 3), "pieces": r.pieces}
         for r, (s, h) in zip(readings, scenes)
     ]
     return report

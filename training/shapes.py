@@ -163,6 +163,7 @@ class Reading:
     fill: float  # foreground area / bounding-box area
     balance: float  # foreground area above / below the middle of its bounding box
     area: float  # foreground area as a fraction of the image
+    pieces: int = 1  # separate foreground regions of at least 0.3% of the image (one shape: 1)
 
 
 def classify(image: Image.Image) -> Reading:
@@ -196,11 +197,28 @@ def classify(image: Image.Image) -> Reading:
         shape = "square"
     else:
         shape = "circle"
-    return Reading(nearest_color(fg_rgb), shape, nearest_color(bg_rgb), fill, balance, float(mask.mean()))
+    return Reading(nearest_color(fg_rgb), shape, nearest_color(bg_rgb), fill, balance, float(mask.mean()),
+                   count_pieces(mask, max(1, int(0.003 * h * w))))
+
+
+def count_pieces(mask: np.ndarray, min_pixels: int) -> int:
+    """Separate 4-connected regions of `mask` with at least `min_pixels` pixels: every pixel takes
+    the smallest label among itself and its neighbours until nothing changes."""
+    none = np.iinfo(np.int64).max
+    labels = np.where(mask, np.arange(mask.size).reshape(mask.shape), none)
+    while True:
+        p = np.pad(labels, 1, constant_values=none)
+        spread = np.where(mask, np.minimum.reduce([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]), none)
+        if np.array_equal(spread, labels):
+            break
+        labels = spread
+    _, sizes = np.unique(labels[mask], return_counts=True)
+    return int((sizes >= min_pixels).sum())
 
 
 def score(readings: list[Reading], scenes: list[Scene]) -> dict:
-    """Fractions of pictures whose foreground colour, background colour and shape are right."""
+    """Fractions of pictures whose foreground colour, background colour and shape are right, and of
+    those that show one shape (not two or more pieces)."""
     n = len(scenes)
     return {
         "n": n,
@@ -208,6 +226,7 @@ def score(readings: list[Reading], scenes: list[Scene]) -> dict:
         "bg": sum(r.bg == s.bg for r, s in zip(readings, scenes)) / n,
         "shape": sum(r.shape == s.shape for r, s in zip(readings, scenes)) / n,
         "all": sum(r.fg == s.fg and r.bg == s.bg and r.shape == s.shape for r, s in zip(readings, scenes)) / n,
+        "one_shape": sum(r.pieces == 1 for r in readings) / n,  # not a target; the classifier reads the rest anyway
     }
 
 

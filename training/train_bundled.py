@@ -1,6 +1,6 @@
 """Train sdlite's bundled model: a ~7M-parameter Stable Diffusion that draws coloured shapes.
 
-    python training/train_bundled.py                      # everything (times: training/README.md)
+    OMP_WAIT_POLICY=ACTIVE python training/train_bundled.py   # the committed model, ~58 min (training/README.md)
     python training/train_bundled.py --stages unet,save   # reuse the VAE and latents in --work
 
 Stages, each reading what the previous one wrote to --work (default artifacts/bundled_run):
@@ -11,6 +11,7 @@ Stages, each reading what the previous one wrote to --work (default artifacts/bu
   unet       CLIP text encoder + UNet2DConditionModel trained together from scratch, v-prediction
              on a zero-terminal-SNR schedule, high timesteps oversampled, the loss weighted towards
              the shape's pixels, EMA weights
+  decoder    (not run by default) the VAE decoder alone fine-tuned on the stored latents
   save       fp16 safetensors in the diffusers folder layout -> sdlite/data/bundled, plus sdlite.json
   eval       training/evaluate.py on the saved folder
 The model classes are diffusers' and transformers' (the reference implementation; a training-only
@@ -319,9 +320,12 @@ def stage_unet(args, work: Path) -> None:
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
     alphas_cumprod = scheduler.alphas_cumprod  # (1000,), last entry exactly 0 (zero terminal SNR)
     tokens = CaptionTokens(tokenizer)
-    opt = torch.optim.AdamW(models.parameters(), lr=args.lr, weight_decay=0.01)
+    params, ema_params = list(models.parameters()), list(ema.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=True)  # fused: 26 -> 14 ms a step with clipping and EMA
     g = torch.Generator().manual_seed(args.seed)
     rng = random.Random(args.seed)
+    # Squares are the hardest shape (their corners against a circle's): --square-weight draws them more often.
+    draw_weight = torch.tensor([args.square_weight if s.shape == "square" else 1.0 for s in scenes])
     losses, t0, step, progress = [], time.time(), 0, 0.0
     while progress < 1.0:
         # Progress through the run drives a warm-up + cosine learning rate. With --time-limit the
@@ -332,7 +336,7 @@ def stage_unet(args, work: Path) -> None:
         lr = args.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(0, len(mean), (args.batch,), generator=g)
+        idx = torch.multinomial(draw_weight, args.batch, replacement=True, generator=g)
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling  # (B, 4, 16, 16)
         captions = ["" if rng.random() < args.uncond else scenes[i].caption(rng.choice(shapes.TEMPLATES)) for i in idx.tolist()]
         t = sample_timesteps(args.batch, g, args.high_t, args.band_t)
@@ -346,12 +350,11 @@ def stage_unet(args, work: Path) -> None:
         loss = (weight * (unet(xt, t, cond).sample - v) ** 2).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), models.parameters()):
-                pe.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         losses.append(loss.item())
         step += 1
         if step % 50 == 1:
@@ -462,33 +465,38 @@ STAGES = {
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    p.add_argument("--stages", default=",".join(s for s in STAGES if s != "decoder"),
+                   help="comma-separated subset of " + ",".join(STAGES) + " (default: all but decoder)")
     p.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bundled_run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--vae-images", type=int, default=8192)
-    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--vae-steps", type=int, default=1300)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-init", type=Path, help="start the VAE from this saved VAE folder instead of random weights")
     p.add_argument("--decoder-steps", type=int, default=600)
     p.add_argument("--decoder-lr", type=float, default=1e-3)
     p.add_argument("--train-images", type=int, default=16384)
-    p.add_argument("--steps", type=int, default=3000, help="UNet + text encoder optimizer steps")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=6000, help="UNet + text encoder optimizer steps (or fewer: --time-limit)")
+    p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--unet-init", type=Path, help="start text encoder + UNet from this unet_ema.pt instead of random weights")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--uncond", type=float, default=0.1, help="fraction of empty captions (for classifier-free guidance)")
     p.add_argument("--high-t", type=float, default=0.1, help="fraction of timesteps drawn from [700, 1000)")
     p.add_argument("--band-t", type=float, default=0.4, help="fraction of timesteps drawn from [450, 900)")
+    p.add_argument("--square-weight", type=float, default=2.0, help="how much more often squares are drawn than other shapes")
     p.add_argument("--fg-weight", type=float, default=4.0, help="loss weight of the latent pixels in the shape's bounding box (others: 1)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--mid-eval", action="store_true", help="quick 48-image evaluation at each checkpoint")
-    p.add_argument("--time-limit", type=float, default=0, help="stop the UNet stage after this many minutes (0: never)")
+    p.add_argument("--time-limit", type=float, default=50, help="stop the UNet stage after this many minutes (0: never)")
     p.add_argument("--engine", default="sdlite", choices=["sdlite", "diffusers"], help="engine of the final evaluation")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # Denormal gradients made UNet steps ~1.4x slower. Set before the first parallel operation, so
+    # that OpenMP's worker threads inherit it.
+    torch.set_flush_denormal(True)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for name in args.stages.split(","):
