@@ -44,6 +44,23 @@ def source_folder(model: str) -> Path:
     return build_model(model)
 
 
+def fresh_cache(cache: Path, source: Path) -> Path:
+    """`cache`, emptied first unless its copies were made from `source`'s weights as they are now
+    (names, sizes and modification times of the weight files): a retrained bundled model gets
+    new copies."""
+    import shutil
+
+    files = sorted(p for p in source.rglob("*") if p.suffix in (".safetensors", ".bin"))
+    stamp = "\n".join(f"{p.relative_to(source)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)
+    stamp_file = cache / "source.txt"
+    if cache.exists() and not (stamp_file.is_file() and stamp_file.read_text() == stamp):
+        print(f"clearing {cache}: made from other weights than {source}'s", flush=True)
+        shutil.rmtree(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    stamp_file.write_text(stamp)
+    return cache
+
+
 def write_fp16_copy(source: Path, out: Path) -> None:
     """The model with fp16 weights (as `*.fp16.safetensors` variants), configs copied."""
     import shutil
@@ -71,8 +88,7 @@ def prepare(model: str, bits: list[int], mixed_db: float | None, mixed_options: 
     from sdlite.palettize import VERSION, compress
 
     source = source_folder(model)
-    cache = CACHE / model
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = fresh_cache(CACHE / model, source)
     settings = {"fp32": (source, {}), "fp32 low-memory": (source, {"low_memory": True})}
     fp16 = cache / "fp16"
     if not fp16.exists():

@@ -71,7 +71,7 @@ def packed_weight(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     with torch.no_grad():
         packed = _pack_linear(layer)
     layer.__dict__["_packed"] = (weakref.ref(w), key, packed, w.untyped_storage())
-    release_pages(w)  # the packed copy is what runs from now on
+    release_pages([w])  # the packed copy is what runs from now on
     return packed
 
 

@@ -166,25 +166,13 @@ def using(network):
         gc.collect()  # free the weights (and unmap their files) now, before the next stage
 
 
-MADV_DONTNEED, MADV_PAGEOUT = 4, 21  # madvise advice (Linux; PAGEOUT since 5.4), not named by Python's mmap
+MADV_DONTNEED = 4  # madvise advice (Linux), not named by Python's mmap
 
 
 def page_range(t: torch.Tensor) -> tuple[int, int]:
     """The addresses of the whole pages inside `t`'s data (start >= end: none)."""
     page = 4096
     return -(-t.data_ptr() // page) * page, (t.data_ptr() + t.numel() * t.element_size()) // page * page
-
-
-def release_pages(t: torch.Tensor) -> None:
-    """Ask the kernel to take `t`'s whole pages out of this process's resident memory
-    (madvise MADV_PAGEOUT). Memory-mapped weights come back from their file if read again; the
-    contents never change (anonymous memory without swap just stays). A no-op off Linux."""
-    libc = c_library()
-    if libc is None or t.device.type != "cpu":
-        return
-    start, end = page_range(t)
-    if end > start:
-        libc.madvise(start, end - start, MADV_PAGEOUT)
 
 
 def file_mappings() -> list[tuple[int, int]]:
@@ -203,19 +191,20 @@ def file_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
-def release_weights(network: nn.Module) -> None:
-    """Take the pages of `network`'s memory-mapped weights (parameters, buffers and the weights it
-    keeps at rest) out of this process's resident memory with madvise(MADV_DONTNEED): the kernel's
-    page cache keeps them, and they fault back in when the network next runs, so a text encoder or
-    VAE costs RAM only while it works. Only weights that are views of a file and were never
-    modified in place (their version counter is 0) are released: for those, DONTNEED would revert
-    the change. A write through `.data` does not count, so sdlite never writes into weights; cast or
-    merged weights (LoRA merges replace tensors) are not file-backed."""
+def release_pages(tensors) -> None:
+    """Take the pages of memory-mapped weights out of this process's resident memory with
+    madvise(MADV_DONTNEED): the kernel's page cache keeps them, and they fault back in from it
+    when next read. Only tensors that are views of a file and were never modified in place (their
+    version counter is 0) are released: for others DONTNEED would revert a change or, for
+    anonymous memory, zero them. A write through `.data` does not count, so sdlite never writes
+    into weights; cast or merged weights (LoRA merges replace tensors) are not file-backed.
+    (MADV_PAGEOUT, used before, also evicted the pages from the page cache: slower, and the next
+    process had to read them from disk again.)"""
     libc = c_library()
     if libc is None:
         return
     mapped = file_mappings()
-    for t in list(network.parameters()) + list(network.buffers()) + getattr(network, "stored_tensors", []):
+    for t in tensors:
         try:
             if t.device.type != "cpu" or t._version:
                 continue
@@ -224,6 +213,12 @@ def release_weights(network: nn.Module) -> None:
         start, end = page_range(t)
         if end > start and any(lo <= start and end <= hi for lo, hi in mapped):
             libc.madvise(start, end - start, MADV_DONTNEED)
+
+
+def release_weights(network: nn.Module) -> None:
+    """`release_pages` of `network`'s parameters, buffers and the weights it keeps at rest, so a
+    text encoder or VAE costs RAM only while it works."""
+    release_pages(list(network.parameters()) + list(network.buffers()) + getattr(network, "stored_tensors", []))
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)

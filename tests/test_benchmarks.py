@@ -93,3 +93,16 @@ def test_compression_rounds_give_the_median_step_and_the_largest_peak_rss():
     rows = [dict(row, setting="fp32", bytes=1, psnr=None), dict(row, setting="6-bit jit", seconds_per_step=7.5,
                                                                  bytes=1, psnr=25.0)]
     assert "| 7.50 | 1.25x | 25.0 dB |" in compression.table(rows, with_eval=False)
+
+
+def test_compression_cache_is_emptied_when_the_source_weights_change(tmp_path):
+    source, cache = tmp_path / "model", tmp_path / "cache"
+    (source / "unet").mkdir(parents=True)
+    (source / "unet" / "w.safetensors").write_bytes(b"0" * 10)
+    cache.mkdir()
+    (cache / "unknown-origin").write_text("")  # a cache without a record of its source
+    assert not (compression.fresh_cache(cache, source) / "unknown-origin").exists()
+    (cache / "6-bit").write_text("")
+    assert (compression.fresh_cache(cache, source) / "6-bit").exists()  # same weights: kept
+    (source / "unet" / "w.safetensors").write_bytes(b"1" * 11)  # retrained
+    assert not (compression.fresh_cache(cache, source) / "6-bit").exists()

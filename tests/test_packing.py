@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdlite import memory
 from sdlite.layers import Linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -72,3 +73,41 @@ def test_a_weight_swapped_in_where_a_freed_one_was_packed_from_is_packed_again()
             layer.weight.data = torch.randn(512, 512)
             assert torch.allclose(layer(x), plain(layer, x), atol=1e-4)
             layer.weight.data = original
+
+
+def mapping_resident_kib(address: int) -> int:
+    """Resident KiB of the memory mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):
+                start, end = (int(a, 16) for a in first.split("-"))
+                inside = start <= address < end
+            elif inside and first == "Rss:":
+                return int(line.split()[1])
+    pytest.skip("no /proc/self/smaps")
+
+
+@pytest.mark.skipif(memory.c_library() is None, reason="madvise needs Linux")
+def test_packing_hands_back_the_pages_of_a_memory_mapped_weight(tmp_path):
+    # Once packed, the mapped weight is not read: its pages leave resident memory (the page cache
+    # keeps them) and read back the same.
+    from safetensors.torch import save_file
+
+    from sdlite.loading import read_safetensors
+
+    torch.manual_seed(0)
+    values = torch.randn(1024, 2048)  # 8 MiB
+    save_file({"weight": values}, str(tmp_path / "w.safetensors"))
+    layer = Linear(2048, 1024, bias=False).eval()
+    layer.weight = nn.Parameter(read_safetensors(tmp_path / "w.safetensors")["weight"], requires_grad=False)
+    x = torch.randn(3, 2048)
+    with torch.no_grad():
+        expected = F.linear(x, layer.weight)  # reads every page of the mapped weight
+    assert mapping_resident_kib(layer.weight.data_ptr()) >= 8 << 10
+    with torch.no_grad():
+        assert torch.allclose(layer(x), expected, atol=1e-4)
+    assert mapping_resident_kib(layer.weight.data_ptr()) < 64
+    assert torch.equal(layer.weight, values)
+
