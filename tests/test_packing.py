@@ -110,4 +110,3 @@ def test_packing_hands_back_the_pages_of_a_memory_mapped_weight(tmp_path):
         assert torch.allclose(layer(x), expected, atol=1e-4)
     assert mapping_resident_kib(layer.weight.data_ptr()) < 64
     assert torch.equal(layer.weight, values)
-
