@@ -161,16 +161,16 @@ def decode(packed: torch.Tensor, bits: int, table: torch.Tensor, out: torch.Tens
         return out
     half = m // 2
     low, high = packed[:m], packed[m:]
+
+    def look_up(codes: torch.Tensor, first: int) -> None:  # `codes` holds the high 4 bits of codes first...
+        codes.bitwise_left_shift_(8).bitwise_or_(low[first:first + len(codes)])
+        torch.index_select(table, 0, codes, out=rows[first:first + len(codes)])
+
     for start in range(0, half, CODE_BLOCK):
         end = min(start + CODE_BLOCK, half)
         codes = buffer[: end - start]
-        for first in (start, start + half):  # high bits in the low nibbles, then in the high nibbles
-            if first == start:
-                torch.bitwise_and(high[start:end], 15, out=codes)
-            else:
-                torch.bitwise_right_shift(high[start:end], 4, out=codes)
-            codes.bitwise_left_shift_(8).bitwise_or_(low[first:first + len(codes)])
-            torch.index_select(table, 0, codes, out=rows[first:first + len(codes)])
+        look_up(torch.bitwise_and(high[start:end], 15, out=codes), start)  # the low nibbles: codes j
+        look_up(torch.bitwise_right_shift(high[start:end], 4, out=codes), start + half)  # high: j + m/2
     return out
 
 
