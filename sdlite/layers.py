@@ -1,9 +1,9 @@
 """Building blocks shared by the UNet and the VAE: a Linear layer that runs CPU inference on
-prepacked oneDNN weights, multi-head attention (SDPA), the resnet, down- and upsampling
+prepacked oneDNN weights, a Conv2d that takes large weights kept at rest in slices, multi-head attention (SDPA), the resnet, down- and upsampling
 blocks, the sinusoidal timestep embedding and the activation table. Weight names follow
 diffusers'.
 
-Convolutions stay plain nn.Conv2d: once `sdlite.memory.set_malloc_policy` has removed the page
+Convolutions are not prepacked: once `sdlite.memory.set_malloc_policy` has removed the page
 faults of oneDNN's per-call weight buffers, they ran the SD 2.1 UNet faster than prepacked ones,
 whose channels-last outputs need a copy back to NCHW (2.04 vs 2.2 s per step at 256 px, batch 2)."""
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .memory import release_pages
+from .memory import Slices, release_pages
 
 
 class Linear(nn.Linear):
@@ -73,6 +73,21 @@ def packed_weight(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     layer.__dict__["_packed"] = (weakref.ref(w), key, packed, w.untyped_storage())
     release_pages([w])  # the packed copy is what runs from now on
     return packed
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and state_dict) that also takes its weight as `Slices` of output
+    channels (large palettized weights kept at rest, `sdlite.memory`): the slices' convolutions,
+    concatenated."""
+
+    takes_slices = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.weight, Slices):
+            return super().forward(x)
+        b = self.bias
+        return torch.cat([self._conv_forward(x, w, None if b is None else b[start:stop])
+                          for start, stop, w in self.weight], dim=1)
 
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
@@ -137,11 +152,11 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, cin: int, cout: int, temb_dim: int | None, groups: int, eps: float, act: str = "silu"):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.time_emb_proj = Linear(temb_dim, cout) if temb_dim is not None else None
         self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,7 +173,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, padding: int = 1):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
@@ -171,7 +186,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple | None = None) -> torch.Tensor:
         if size is None:

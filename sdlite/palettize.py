@@ -147,30 +147,34 @@ def code_indices(bits: int) -> torch.Tensor:
 CODE_BLOCK = 1 << 19  # codes decoded at a time: their int32 copy (2 MiB) stays in the cache
 
 
-def decode(packed: torch.Tensor, bits: int, table: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Each code of `packed` looked up in `table` (codes, values per code), written to `out` (as
-    many values as the codes hold); returns `out`. torch's own threads do the work, by blocks."""
+def decode(packed: torch.Tensor, bits: int, table: torch.Tensor, out: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """Codes `first`, `first` + 1, ... of `packed` (as many as `out` takes) looked up in `table`
+    (codes, values per code), written to `out`; returns `out`. torch's own threads do the work,
+    by blocks."""
     per = table.shape[1]
     table, rows = as_words(table), as_words(out.view(-1, per))
-    m = len(rows)
-    buffer = torch.empty(min(CODE_BLOCK, m), dtype=torch.int32, device=packed.device)
+    stop = first + len(rows)
+    buffer = torch.empty(min(CODE_BLOCK, len(rows)), dtype=torch.int32, device=packed.device)
     if bits != 6:
-        for start in range(0, m, CODE_BLOCK):
-            codes = buffer[: min(CODE_BLOCK, m - start)].copy_(packed[start:start + CODE_BLOCK])
-            torch.index_select(table, 0, codes, out=rows[start:start + len(codes)])
+        for start in range(first, stop, CODE_BLOCK):
+            end = min(start + CODE_BLOCK, stop)
+            codes = buffer[: end - start].copy_(packed[start:end])
+            torch.index_select(table, 0, codes, out=rows[start - first:end - first])
         return out
+    m = packed.numel() * 2 // 3
     half = m // 2
     low, high = packed[:m], packed[m:]
 
-    def look_up(codes: torch.Tensor, first: int) -> None:  # `codes` holds the high 4 bits of codes first...
-        codes.bitwise_left_shift_(8).bitwise_or_(low[first:first + len(codes)])
-        torch.index_select(table, 0, codes, out=rows[first:first + len(codes)])
+    def look_up(codes: torch.Tensor, start: int) -> None:  # `codes` holds the high 4 bits of codes start...
+        codes.bitwise_left_shift_(8).bitwise_or_(low[start:start + len(codes)])
+        torch.index_select(table, 0, codes, out=rows[start - first:start - first + len(codes)])
 
-    for start in range(0, half, CODE_BLOCK):
-        end = min(start + CODE_BLOCK, half)
-        codes = buffer[: end - start]
-        look_up(torch.bitwise_and(high[start:end], 15, out=codes), start)  # the low nibbles: codes j
-        look_up(torch.bitwise_right_shift(high[start:end], 4, out=codes), start + half)  # high: j + m/2
+    for start in range(first, min(stop, half), CODE_BLOCK):  # codes j < m/2: low nibbles of byte j
+        end = min(start + CODE_BLOCK, stop, half)
+        look_up(torch.bitwise_and(high[start:end], 15, out=buffer[: end - start]), start)
+    for start in range(max(first, half), stop, CODE_BLOCK):  # the rest: high nibbles of byte j - m/2
+        end = min(start + CODE_BLOCK, stop)
+        look_up(torch.bitwise_right_shift(high[start - half:end - half], 4, out=buffer[: end - start]), start)
     return out
 
 
@@ -214,26 +218,43 @@ class PalettizedTensor:
         """How many values the packed bytes decode to: `numel` rounded up to a whole run of 8."""
         return self.numel if self.bits == 8 else math.ceil(self.numel / 8) * 8
 
-    def unpack(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The dense weight in `dtype`, written into `out` if given (a contiguous tensor of `dtype`
-        on the indices' device with at least `padded_numel` values; the result is a view of it)."""
+    @property
+    def values_per_code(self) -> int:
+        return 2 if self.bits == 6 else 8 // self.bits
+
+    def unpack(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The dense weight in `dtype`, or only its output channels (dim 0) `rows` = (start, stop),
+        which must start on a whole code (see `values_per_code`); written into `out` if given (a
+        contiguous tensor of `dtype` on the indices' device with at least `padded_numel` values;
+        the result is a view of it)."""
         groups, k = self.lut.shape
+        start, stop = rows or (0, self.shape[0])
+        row = self.numel // self.shape[0]
+        per = self.values_per_code
+        if not 0 <= start < stop <= self.shape[0]:
+            raise ValueError(f"rows {start}:{stop} are not output channels of a weight of shape {self.shape}")
+        if start * row % per:
+            raise ValueError(f"rows from {start} do not start on a whole code of {per} values")
+        n = (stop - start) * row
         if out is None:
-            out = torch.empty(self.padded_numel, dtype=dtype, device=self.indices.device)
-        flat = out.view(-1)[: self.padded_numel]
+            out = torch.empty(math.ceil(n / per) * per, dtype=dtype, device=self.indices.device)
+        flat = out.view(-1)[: math.ceil(n / per) * per]
+        first = start * row // per  # the first code
         if groups == 1:  # one look-up per code of a table of the values each code holds
             table = self.__dict__.get("_table")
             if table is None or table.dtype != dtype or table.device != flat.device:
                 table = self.lut[0].to(flat.device, dtype)[code_indices(self.bits).to(flat.device).long()]
                 self.__dict__["_table"] = table  # (codes, values per code); 32 KiB at most in fp32
-            decode(self.indices, self.bits, table, flat)
+            decode(self.indices, self.bits, table, flat, first)
         else:
-            index = unpack_bits(self.indices, self.bits, self.numel).to(torch.int32)
-            # offset each group's indices into the flattened LUT
-            index = (index.view(groups, -1) + torch.arange(0, groups * k, k, dtype=torch.int32,
-                                                           device=index.device)[:, None]).view(-1)
-            torch.index_select(self.lut.to(dtype).view(-1), 0, index, out=flat[: self.numel])
-        return flat[: self.numel].view(self.shape)
+            index = torch.empty(len(flat), dtype=torch.uint8, device=flat.device)
+            index = decode(self.indices, self.bits, code_indices(self.bits).to(flat.device), index, first)
+            # offset each row's indices to its group's LUT in the flattened LUTs
+            group = torch.arange(start, stop, dtype=torch.int32, device=flat.device) // (self.shape[0] // groups)
+            index = (index[:n].view(stop - start, row).to(torch.int32) + group[:, None] * k).view(-1)
+            torch.index_select(self.lut.to(dtype).view(-1), 0, index, out=flat[:n])
+        return flat[:n].view(stop - start, *self.shape[1:])
 
     def to(self, device) -> "PalettizedTensor":
         return PalettizedTensor(self.lut.to(device), self.indices.to(device), self.shape, self.bits)

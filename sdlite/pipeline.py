@@ -21,7 +21,7 @@ from .clip import CLIPTextModel
 from .config import CLIPConfig, UNetConfig, VAEConfig
 from .loading import CheckpointError, load_component, load_network, read_json
 from .memory import (OnDemand, decode_tiled, keep_at_rest, network_device, network_dtype, release_weights,
-                     set_malloc_policy, using)
+                     set_malloc_policy, trim_heap, using)
 from .samplers import SAMPLERS, default_sampler, make_plan
 from .schedules import ScheduleConfig
 from .tokenizer import CLIPTokenizer
@@ -111,7 +111,9 @@ class StableDiffusion:
         tiles of `vae_tile_size` latents). Palettized folders (`sdlite compress`) rebuild each
         weight just before use (`palettized_mode="jit"`) or unpack them all at load ("fast").
         Low-memory mode also runs the UNet's feed-forward layers over 1,024 tokens at a time
-        (`sdlite.unet.chunk_feed_forward`). On the CPU, loading sets the process's malloc policy
+        (`sdlite.unet.chunk_feed_forward`) and gives the heap's free memory back to the system
+        after each UNet call and around each on-demand network (`sdlite.memory.trim_heap`). On the
+        CPU, loading sets the process's malloc policy
         (`sdlite.memory.set_malloc_policy`: large freed blocks are kept for reuse), and the text
         encoders and the VAE give their memory-mapped weights' pages back after each use
         (`sdlite.memory.release_weights`); in low-memory mode the UNet does too while the VAE
@@ -289,10 +291,14 @@ class StableDiffusion:
         context, added = conditioning
 
         def model(x_in: torch.Tensor, t) -> torch.Tensor:
-            if not guided:
-                return self.unet(x_in, t, context, added)
-            uncond, cond = self.unet(torch.cat([x_in, x_in]), t, context, added).chunk(2)
-            return uncond + cfg * (cond - uncond)
+            if guided:
+                uncond, cond = self.unet(torch.cat([x_in, x_in]), t, context, added).chunk(2)
+                out = uncond + cfg * (cond - uncond)
+            else:
+                out = self.unet(x_in, t, context, added)
+            if self.low_memory:
+                trim_heap()  # else the free blocks the heap keeps grow, step after step
+            return out
 
         with torch.inference_mode():
             for i, x in enumerate(plan.sample(model, x, generator=generator)):

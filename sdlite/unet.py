@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .layers import Attention, Downsample2D, Linear, ResnetBlock2D, Upsample2D, activation, timestep_embedding
+from .layers import Attention, Conv2d, Downsample2D, Linear, ResnetBlock2D, Upsample2D, activation, timestep_embedding
 
 
 class GEGLU(nn.Module):
@@ -95,7 +95,7 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         self.linear = config.use_linear_projection
         self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6)
-        proj = (lambda: Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
+        proj = (lambda: Linear(channels, channels)) if self.linear else (lambda: Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, config.cross_attention_dim, only_cross, config.upcast_attention)
@@ -223,7 +223,7 @@ class UNet2DConditionModel(nn.Module):
         self.config = c = config
         ch = c.block_out_channels
         n = len(ch)
-        self.conv_in = nn.Conv2d(c.in_channels, ch[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
+        self.conv_in = Conv2d(c.in_channels, ch[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
         self.time_embedding = TimestepEmbedding(ch[0], c.time_embed_dim, c.act_fn)
         if c.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, c.time_embed_dim, c.act_fn)
@@ -240,7 +240,7 @@ class UNet2DConditionModel(nn.Module):
         )
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
         self.conv_act = activation(c.act_fn)
-        self.conv_out = nn.Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
+        self.conv_out = Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
 
     def time_embed(self, timestep, B: int, dtype: torch.dtype, device, added_cond: dict | None) -> torch.Tensor:
         """(B, time_embed_dim) conditioning vector from the timestep (and SDXL's added_cond); (1, ...)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import VAEConfig
-from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, activation
+from .layers import Attention, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, activation
 
 EPS = 1e-6  # every GroupNorm in the VAE
 
@@ -103,14 +103,14 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         ch, n = config.block_out_channels, len(config.block_out_channels)
-        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             EncoderBlock(ch[max(i - 1, 0)], ch[i], config, add_downsample=i < n - 1) for i in range(n)
         )
         self.mid_block = MidBlock(ch[-1], config)
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[-1], eps=EPS)
         self.conv_act = activation(config.act_fn)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -124,14 +124,14 @@ class Decoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         rch, n = config.block_out_channels[::-1], len(config.block_out_channels)
-        self.conv_in = nn.Conv2d(config.latent_channels, rch[0], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, rch[0], 3, padding=1)
         self.mid_block = MidBlock(rch[0], config)
         self.up_blocks = nn.ModuleList(
             DecoderBlock(rch[max(j - 1, 0)], rch[j], config, add_upsample=j < n - 1) for j in range(n)
         )
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, rch[-1], eps=EPS)
         self.conv_act = activation(config.act_fn)
-        self.conv_out = nn.Conv2d(rch[-1], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(rch[-1], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
@@ -147,8 +147,8 @@ class AutoencoderKL(nn.Module):
         lc = config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * lc, 2 * lc, 1) if config.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(lc, lc, 1) if config.use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * lc, 2 * lc, 1) if config.use_quant_conv else None
+        self.post_quant_conv = Conv2d(lc, lc, 1) if config.use_post_quant_conv else None
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (B, 3, H, W) in [-1, 1], H and W multiples of downscale_factor -> latent distribution."""

@@ -1,5 +1,6 @@
 """sdlite.memory: weights at rest (materialised into one scratch buffer, freed with their
-network) and set_malloc_policy (what it asks of glibc, checked with a recording stand-in)."""
+network), large convolutions in slices, and set_malloc_policy and trim_heap (what they ask of
+glibc, checked with a recording stand-in)."""
 
 import gc
 import threading
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from sdlite import memory
+from sdlite.layers import Conv2d
 from sdlite.palettize import palettize
 
 
@@ -111,10 +113,40 @@ def test_a_failing_call_leaves_the_network_usable_from_another_thread():
     assert network[0].weight is None
 
 
+def test_a_large_palettized_convolution_runs_in_slices_of_output_channels(monkeypatch):
+    """Its slices take the scratch buffer in turn (so the buffer is one slice long) and give the
+    whole convolution's output."""
+    monkeypatch.setattr(memory, "SLICE_VALUES", 5000)
+    torch.manual_seed(0)
+    conv = Conv2d(16, 64, 3, padding=1)  # 9,216 weight values: slices of 34 output channels
+    weight = palettize(conv.weight.detach(), 8)
+    at_rest = Conv2d(16, 64, 3, padding=1)
+    at_rest.load_state_dict(conv.state_dict())
+    del at_rest._parameters["weight"]
+    memory.keep_at_rest(at_rest, torch.float32, {"weight": weight})
+    parts = []
+    iterate = memory.Slices.__iter__
+    monkeypatch.setattr(memory.Slices, "__iter__", lambda self: (parts.append((*p[:2], p[2].data_ptr())) or p
+                                                                   for p in iterate(self)))
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        conv.weight.copy_(weight.unpack())
+        expected, got = conv(x), at_rest(x)
+    assert [part[:2] for part in parts] == [(0, 34), (34, 64)]
+    assert parts[0][2] == parts[1][2]  # one buffer
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+    assert at_rest.weight is None
+
+
 class FakeLibc:
     def __init__(self, max_mmap_threshold: int = 1 << 40):
         self.max_mmap_threshold = max_mmap_threshold
         self.settings = {}
+        self.trims = 0
+
+    def malloc_trim(self, pad: int) -> int:
+        self.trims += 1
+        return 1
 
     def mallopt(self, parameter: int, value: int) -> int:
         if parameter == memory.M_MMAP_THRESHOLD and value > self.max_mmap_threshold:
@@ -141,9 +173,18 @@ def test_a_glibc_that_refuses_large_thresholds_gets_32_mib(libc):
     assert libc.settings[memory.M_MMAP_THRESHOLD] == 32 << 20
 
 
+def test_a_network_loaded_on_demand_gives_the_heap_back_before_and_after(libc):
+    trims = []
+    on_demand = memory.OnDemand(lambda: trims.append(libc.trims) or nn.Linear(2, 2), None, torch.float32)
+    with memory.using(on_demand) as network:
+        assert isinstance(network, nn.Linear)
+    assert trims == [1] and libc.trims == 2
+
+
 def test_without_glibc_nothing_happens(monkeypatch):
     monkeypatch.setattr(memory, "c_library", lambda: None)
     memory.set_malloc_policy()  # no error
+    memory.trim_heap()
 
 
 def resident_mib() -> float:
