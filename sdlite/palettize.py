@@ -125,18 +125,6 @@ def pack_bits(index: torch.Tensor, bits: int) -> torch.Tensor:
     return (v.view(-1, per) << (bits * torch.arange(per, dtype=torch.int32))).sum(1).to(torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """The first n uint8 indices of `packed` (the inverse of `pack_bits`)."""
-    table = code_indices(bits).to(packed.device)
-    out = torch.empty(packed_values(packed, bits), dtype=torch.uint8, device=packed.device)
-    return decode(packed, bits, table, out)[:n]
-
-
-def packed_values(packed: torch.Tensor, bits: int) -> int:
-    """How many values the packed bytes decode to (the padded count)."""
-    return packed.numel() * 8 // bits
-
-
 def code_indices(bits: int) -> torch.Tensor:
     """(codes, indices per code) uint8: the indices each code holds (see the module's docstring)."""
     per, code_bits = (2, 12) if bits == 6 else (8 // bits, 8)

@@ -112,8 +112,8 @@ class StableDiffusion:
         weight just before use (`palettized_mode="jit"`) or unpack them all at load ("fast").
         Low-memory mode also runs the UNet's feed-forward layers over 1,024 tokens at a time
         (`sdlite.unet.chunk_feed_forward`) and gives the heap's free memory back to the system
-        after each UNet call and around each on-demand network (`sdlite.memory.trim_heap`). On the
-        CPU, loading sets the process's malloc policy
+        after each block of the UNet and around each on-demand network (`sdlite.memory.trim_heap`).
+        On the CPU, loading sets the process's malloc policy
         (`sdlite.memory.set_malloc_policy`: large freed blocks are kept for reuse), and the text
         encoders and the VAE give their memory-mapped weights' pages back after each use
         (`sdlite.memory.release_weights`); in low-memory mode the UNet does too while the VAE
@@ -162,6 +162,9 @@ class StableDiffusion:
         if low_memory:
             sd.vae_tile_size = 32
             chunk_feed_forward(sd.unet, 1024)
+            for block in [*sd.unet.down_blocks, sd.unet.mid_block, *sd.unet.up_blocks]:
+                if block is not None:  # (a UNet without a mid block)
+                    block.register_forward_hook(lambda *_: trim_heap())
         if sd.device.type == "cpu":
             set_malloc_policy()
             # used once per image: resident only while they run
@@ -291,14 +294,10 @@ class StableDiffusion:
         context, added = conditioning
 
         def model(x_in: torch.Tensor, t) -> torch.Tensor:
-            if guided:
-                uncond, cond = self.unet(torch.cat([x_in, x_in]), t, context, added).chunk(2)
-                out = uncond + cfg * (cond - uncond)
-            else:
-                out = self.unet(x_in, t, context, added)
-            if self.low_memory:
-                trim_heap()  # else the free blocks the heap keeps grow, step after step
-            return out
+            if not guided:
+                return self.unet(x_in, t, context, added)
+            uncond, cond = self.unet(torch.cat([x_in, x_in]), t, context, added).chunk(2)
+            return uncond + cfg * (cond - uncond)
 
         with torch.inference_mode():
             for i, x in enumerate(plan.sample(model, x, generator=generator)):
