@@ -174,7 +174,7 @@ def test_fp16_at_rest_is_close_to_fp32(source, reference_pixels):
 
 
 def test_low_memory_gives_the_same_image(source, palettized, reference_pixels, monkeypatch):
-    """... and gives the heap back to the system after each block of the UNet."""
+    """... and gives the heap back to the system after the UNet's mid block and each up block."""
     trims = []
     monkeypatch.setattr(pipeline_module, "trim_heap", lambda: trims.append(1))
     assert np.array_equal(pixels(StableDiffusion.from_pretrained(source)), reference_pixels)
@@ -183,20 +183,24 @@ def test_low_memory_gives_the_same_image(source, palettized, reference_pixels, m
     assert not isinstance(sd.text_encoder, torch.nn.Module) and not isinstance(sd.vae, torch.nn.Module)
     assert {m.chunk_tokens for m in sd.unet.modules() if isinstance(m, FeedForward)} == {1024}
     assert np.array_equal(pixels(sd), reference_pixels)
-    blocks = len(sd.unet.down_blocks) + (sd.unet.mid_block is not None) + len(sd.unet.up_blocks)
+    blocks = (sd.unet.mid_block is not None) + len(sd.unet.up_blocks)
     assert len(trims) == SETTINGS["steps"] * blocks
     out = palettized(4)
     assert np.array_equal(pixels(StableDiffusion.from_pretrained(out, low_memory=True)),
                           pixels(StableDiffusion.from_pretrained(out)))
 
 
-def test_tiled_decoding_matches_whole_decoding_where_the_image_fits_a_tile(source):
+def test_tiled_decoding_matches_whole_decoding_where_the_image_fits_a_tile(source, monkeypatch):
     sd = StableDiffusion.from_pretrained(source)
     z = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+    trims = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(1))
     with torch.inference_mode():
         whole = sd.vae.decode(z)
         assert torch.equal(decode_tiled(sd.vae, z, tile=24), whole)
+        assert not trims  # one tile: decoded whole
         tiled = decode_tiled(sd.vae, z, tile=12, overlap=4)
+    assert len(trims) == 2 * 3  # after each tile (rows start at 0, 8; columns at 0, 8, 16)
     assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
     # far from the seams the tiles see (nearly) what the whole decode sees
     assert (tiled - whole).abs().mean() < 0.5 * whole.abs().mean()
