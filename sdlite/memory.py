@@ -306,9 +306,9 @@ def trim_heap() -> None:
     on; 1,278 MiB while decoding in another. Low-memory mode trims around its on-demand networks,
     after the UNet's mid block and each up block, and after each VAE tile. Peak RSS of that
     generation (4 steps, processes in turn): 1,369 and 1,419 MiB with neither trims nor `Slices`;
-    with slices, 1,380 and 1,422
-    trimming after each UNet call (peak in the first call); 1,237 and 1,384 after each of its nine
-    blocks (peak in the VAE decode), steps 3-5% slower; 1,259 after the mid and up blocks."""
+    with slices, 1,380 and 1,422 trimming after each UNet call (peak in the first call), 1,237 and
+    1,384 after each of its nine blocks (peak in the VAE decode; steps 3-5% slower), 1,259 after
+    the mid and up blocks; with the tiles trimmed too, 1,262 and 1,263 (benchmarks/compression.py)."""
     libc = c_library()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
