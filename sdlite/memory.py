@@ -103,10 +103,7 @@ def materialised_size(value, rows: int | None = None) -> int:
     `rows` output channels of it if given)."""
     if isinstance(value, torch.Tensor):
         return value.numel()
-    if rows is None:
-        return value.padded_numel
-    per = value.values_per_code
-    return math.ceil(rows * (value.numel // value.shape[0]) / per) * per
+    return value.padded_numel if rows is None else value.decoded_numel(rows)
 
 
 class Scratch:

@@ -210,6 +210,11 @@ class PalettizedTensor:
     def values_per_code(self) -> int:
         return 2 if self.bits == 6 else 8 // self.bits
 
+    def decoded_numel(self, rows: int) -> int:
+        """How many values decoding `rows` output channels writes: their values in whole codes."""
+        per = self.values_per_code
+        return math.ceil(rows * (self.numel // self.shape[0]) / per) * per
+
     def unpack(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
                rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The dense weight in `dtype`, or only its output channels (dim 0) `rows` = (start, stop),
@@ -226,8 +231,8 @@ class PalettizedTensor:
             raise ValueError(f"rows from {start} do not start on a whole code of {per} values")
         n = (stop - start) * row
         if out is None:
-            out = torch.empty(math.ceil(n / per) * per, dtype=dtype, device=self.indices.device)
-        flat = out.view(-1)[: math.ceil(n / per) * per]
+            out = torch.empty(self.decoded_numel(stop - start), dtype=dtype, device=self.indices.device)
+        flat = out.view(-1)[: self.decoded_numel(stop - start)]
         first = start * row // per  # the first code
         if groups == 1:  # one look-up per code of a table of the values each code holds
             table = self.__dict__.get("_table")
