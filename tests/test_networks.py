@@ -149,6 +149,29 @@ def test_unet(components):
             assert_close(ours(x, t, ctx), ref(x, t, ctx).sample)
 
 
+def test_unet_and_vae_with_long_attention_on_onednn(components, monkeypatch):
+    """`sdlite.layers.onednn_attention` runs attention over 1,024 keys or more; the tiny models
+    have fewer, so the threshold comes down to 16 here (self- and cross-attention, the VAE's too)."""
+    from sdlite import layers
+
+    calls = []
+    monkeypatch.setattr(layers, "LONG_KEYS", 16)
+    monkeypatch.setattr(layers, "SCORES_BLOCK", 20 * 64)  # blocks of 20 queries of 64 keys
+    attend = layers.onednn_attention
+    monkeypatch.setattr(layers, "onednn_attention", lambda *a: calls.append(a[1].shape[1]) or attend(*a))
+    unet, vae = components["unet"], components["vae"]
+    ours = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(unet.config)), unet.state_dict())
+    ours_vae = build_ours(AutoencoderKL, VAEConfig.from_json(dict(vae.config)), vae.state_dict())
+    x, ctx = unet_inputs(2, 8, 8, CROSS_ATTENTION_DIM)
+    z = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(1))  # 30 tokens in the VAE's attention
+    with torch.no_grad():
+        assert_close(ours(x, 500, ctx), unet(x, 500, ctx).sample)
+        assert {64, 77} <= set(calls)
+        calls.clear()
+        assert_close(ours_vae.decode(z), vae.decode(z).sample)
+        assert calls
+
+
 def test_feed_forward_in_token_slices_matches_the_whole(components):
     """Low-memory mode's chunk_feed_forward: the same UNet output, slices of 7 tokens (the last
     one shorter) against all 64 at once, and a no-op for calls with fewer tokens."""

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdlite import memory
+from sdlite import layers
 from sdlite.layers import Linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -48,17 +49,23 @@ def test_autograd_and_state_dict_are_untouched(make, data):
     assert list(layer.state_dict()) == list(nn.Linear(8, 8, bias=layer.bias is not None).state_dict())
 
 
-def test_weights_materialised_per_call_are_packed_per_call():
+def test_weights_materialised_per_call_run_on_onednn_and_nothing_is_kept():
     # sdlite.memory.keep_at_rest replaces parameters by plain tensors set just before each call:
-    # they run on the packed kernels too (the same numbers as a loaded model) but nothing is kept.
+    # they go to oneDNN unpacked (it lays them out within the call) and no packed copy is kept.
     layer, x = Linear(8, 8).eval(), torch.randn(2, 8)
+    calls = []
+    linear = torch.ops.mkldnn._linear_pointwise
     with torch.no_grad():
         packed_result = layer(x)
         weight = layer.weight.detach().clone()
         del layer._parameters["weight"]
         for _ in range(3):
             layer.weight = weight.clone()
-            assert torch.equal(layer(x), packed_result)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[1]) or linear(*a))
+                out = layer(x)
+            assert torch.allclose(out, packed_result, atol=1e-6)
+            assert calls.pop() is layer.weight
     assert layer.__dict__["_packed"][0]() is None  # only the first (parameter) weight was kept
 
 
@@ -110,3 +117,27 @@ def test_packing_hands_back_the_pages_of_a_memory_mapped_weight(tmp_path):
         assert torch.allclose(layer(x), expected, atol=1e-4)
     assert mapping_resident_kib(layer.weight.data_ptr()) < 64
     assert torch.equal(layer.weight, values)
+
+
+@pytest.mark.parametrize("batch, queries, keys, heads", [(2, 70, 64, 2), (1, 33, 100, 4)])
+def test_onednn_attention_matches_sdpa(batch, queries, keys, heads, monkeypatch):
+    """Long self-attention runs as blocked oneDNN GEMMs (blocks of 7 queries here, the last one
+    shorter); it must give SDPA's numbers, and fall back to SDPA where autograd records."""
+    monkeypatch.setattr(layers, "LONG_KEYS", 64)
+    monkeypatch.setattr(layers, "SCORES_BLOCK", 7 * keys)
+    blocks = []
+    gemm = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, *a: blocks.append(len(x)) or gemm(x, *a))
+    g = torch.Generator().manual_seed(0)
+    C = 8 * heads
+    q, k, v = torch.randn(batch, queries, C, generator=g), *(torch.randn(batch, keys, C, generator=g) for _ in "kv")
+    expected = F.scaled_dot_product_attention(*(t.view(batch, -1, heads, 8).transpose(1, 2) for t in (q, k, v)))
+    expected = expected.transpose(1, 2).reshape(batch, queries, C)
+    with torch.no_grad():
+        assert torch.allclose(layers.attention(q, k, v, heads), expected, atol=1e-5)
+    assert blocks and max(blocks) == 7 and len(blocks) == 2 * batch * heads * -(-queries // 7)
+    blocks.clear()
+    q.requires_grad_()
+    out = layers.attention(q, k, v, heads)
+    out.sum().backward()
+    assert not blocks and q.grad is not None and torch.allclose(out, expected, atol=1e-5)
