@@ -33,8 +33,9 @@ class Linear(nn.Linear):
 
 
 def runs_packed(x: torch.Tensor) -> bool:
-    """Whether layers fed `x` run on packed weights: CPU fp32 inference with oneDNN, not while
-    tracing or compiling (exporters and compilers see the plain ops)."""
+    """Whether layers fed `x` run on oneDNN's own ops (packed linear weights, `onednn_attention`):
+    CPU fp32 with oneDNN, not while tracing or compiling (exporters and compilers see the plain
+    ops)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
@@ -103,7 +104,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
-    if k.shape[1] >= LONG_KEYS and runs_packed(q) and not (torch.is_grad_enabled() and q.requires_grad):
+    records = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if k.shape[1] >= LONG_KEYS and runs_packed(q) and not records:
         return onednn_attention(q, k, v, heads).to(dtype)
     q = q.view(B, Lq, heads, -1).transpose(1, 2)  # (B, nh, Lq, hs)
     k = k.view(B, k.shape[1], heads, -1).transpose(1, 2)  # (B, nh, Lk, hs)

@@ -302,11 +302,12 @@ def trim_heap() -> None:
     px, one process, anonymous memory 663 MiB after the first UNet step and 784 MiB from the fifth
     on; 1,278 MiB while decoding in another. Low-memory mode trims around its on-demand networks,
     after each VAE tile and, when the UNet keeps its weights at rest, after its mid block and each
-    up block (with fp32 weights those trims cost 10-15% of a step and lowered no peak). Peak RSS of that
-    generation (4 steps, processes in turn): 1,369 and 1,419 MiB with neither trims nor `Slices`;
-    with slices, 1,380 and 1,422 trimming after each UNet call (peak in the first call), 1,237 and
-    1,384 after each of its nine blocks (peak in the VAE decode; steps 3-5% slower), 1,259 after
-    the mid and up blocks; with the tiles trimmed too, 1,262 and 1,263 (benchmarks/compression.py)."""
+    up block (with fp32 weights those trims cost 7-17% of a step at 256 px and lowered no peak).
+    Peak RSS of that generation (4 steps, processes in turn): 1,369 and 1,419 MiB with neither
+    trims nor `Slices`; with slices, 1,380 and 1,422 trimming after each UNet call (peak in the
+    first call), 1,237 and 1,384 after each of its nine blocks (peak in the VAE decode; steps 3-5%
+    slower), 1,259 after the mid and up blocks; with the tiles trimmed too, 1,262 and 1,263
+    (benchmarks/compression.py)."""
     libc = c_library()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
