@@ -143,3 +143,30 @@ def test_onednn_attention_matches_sdpa(batch, queries, keys, heads, monkeypatch)
         out = layers.attention(*inputs, heads)
         out.sum().backward()
         assert not blocks and inputs[i].grad is not None and torch.allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_small_input_3x3_convolutions_run_as_a_gemm(bias, monkeypatch):
+    """3x3 convolutions on inputs of at most SMALL_INPUT pixels: the GEMM of their patches gives
+    the convolution's numbers, for weights kept as parameters or materialised per call; larger
+    inputs, other shapes and autograd take the plain convolution."""
+    gemms = []
+    gemm = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, *a: gemms.append(x.shape) or gemm(x, *a))
+    torch.manual_seed(0)
+    conv = layers.Conv2d(6, 5, 3, padding=1, bias=bias).eval()
+    strided = layers.Conv2d(6, 5, 3, stride=2, padding=1, bias=bias).eval()
+    small, large = torch.randn(2, 6, 4, 5), torch.randn(1, 6, 9, 9)  # 20 and 81 pixels
+    with torch.no_grad():
+        assert torch.allclose(conv(small), F.conv2d(small, conv.weight, conv.bias, padding=1), atol=1e-5)
+        assert gemms == [(2 * 20, 6 * 9)]
+        weight = conv.weight.detach().clone()
+        del conv._parameters["weight"]
+        conv.weight = weight  # materialised per call (weights at rest)
+        assert torch.allclose(conv(small), F.conv2d(small, weight, conv.bias, padding=1), atol=1e-5)
+        assert len(gemms) == 2
+        for layer, x in ((conv, large), (strided, small)):
+            assert torch.allclose(layer(x), F.conv2d(x, layer.weight, layer.bias, layer.stride, 1), atol=1e-5)
+    out = strided(small) + layers.Conv2d(6, 5, 3, padding=1, bias=bias)(small).mean()  # autograd records
+    out.sum().backward()
+    assert len(gemms) == 2
