@@ -98,18 +98,20 @@ class Conv2d(nn.Conv2d):
         if isinstance(w, Slices):
             return torch.cat([self._conv_forward(x, part, None if b is None else b[start:stop])
                               for start, stop, part in w], dim=1)
-        if x.dim() == 4 and x.shape[-2] * x.shape[-1] <= SMALL_INPUT and self.as_gemm and runs_packed(x) \
-                and w.dtype == torch.float32 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        if self.runs_as_gemm(x):
             B, C, H, W = x.shape
             patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(B * H * W, C * 9)
             y = torch.ops.mkldnn._linear_pointwise(patches, w.reshape(len(w), -1), b, "none", [], "")
             return y.view(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
         return super().forward(x)
 
-    @property
-    def as_gemm(self) -> bool:
-        """Whether this convolution has the GEMM form: 3x3, stride 1, zero padding 1, no groups."""
-        return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+    def runs_as_gemm(self, x: torch.Tensor) -> bool:
+        """Whether this call runs as one GEMM: CPU fp32 inference (nothing for autograd to record)
+        on an input of at most `SMALL_INPUT` pixels, a 3x3 convolution, stride 1, zero padding 1."""
+        w = self.weight
+        return (x.dim() == 4 and x.shape[-2] * x.shape[-1] <= SMALL_INPUT and runs_packed(x)
+                and w.dtype == torch.float32 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros")
 
 
