@@ -34,11 +34,14 @@ class Linear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, self.bias, "none", [], "")
 
 
-def runs_packed(x: torch.Tensor) -> bool:
-    """Whether layers fed `x` run on oneDNN's own ops (packed linear weights, `onednn_attention`):
-    CPU fp32 with oneDNN, not while tracing or compiling (exporters and compilers see the plain
-    ops)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+def runs_on_onednn(*tensors: torch.Tensor) -> bool:
+    """Whether a call on `tensors` (its input and weights) may use oneDNN's own ops (packed linear
+    weights, `onednn_attention`, `Conv2d`'s GEMM), which autograd does not see through: CPU fp32
+    tensors, oneDNN available, nothing for autograd to record, not tracing or compiling
+    (exporters and compilers see the plain ops)."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and torch.backends.mkldnn.is_available()
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
 
@@ -52,8 +55,7 @@ def onednn_weight(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     first (SD 2.1's linear shapes at 512 px, the weight rewritten before each call: 287 against
     332 ms for one of each), and the copy would be used once."""
     w = layer.weight
-    if (not runs_packed(x) or w.dtype != torch.float32 or w.device.type != "cpu"
-            or (torch.is_grad_enabled() and w.requires_grad)):
+    if not runs_on_onednn(x, w):
         return None
     if layer._parameters.get("weight") is not w:
         return w
@@ -108,9 +110,7 @@ class Conv2d(nn.Conv2d):
     def runs_as_gemm(self, x: torch.Tensor) -> bool:
         """Whether this call runs as one GEMM: CPU fp32 inference (nothing for autograd to record)
         on an input of at most `SMALL_INPUT` pixels, a 3x3 convolution, stride 1, zero padding 1."""
-        w = self.weight
-        return (x.dim() == 4 and x.shape[-2] * x.shape[-1] <= SMALL_INPUT and runs_packed(x)
-                and w.dtype == torch.float32 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        return (x.dim() == 4 and x.shape[-2] * x.shape[-1] <= SMALL_INPUT and runs_on_onednn(x, self.weight)
                 and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros")
 
@@ -130,8 +130,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
-    records = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if k.shape[1] >= LONG_KEYS and runs_packed(q) and not records:
+    if k.shape[1] >= LONG_KEYS and runs_on_onednn(q, k, v):
         return onednn_attention(q, k, v, heads).to(dtype)
     q = q.view(B, Lq, heads, -1).transpose(1, 2)  # (B, nh, Lq, hs)
     k = k.view(B, k.shape[1], heads, -1).transpose(1, 2)  # (B, nh, Lk, hs)

@@ -44,6 +44,9 @@ def test_autograd_and_state_dict_are_untouched(make, data):
     layer, x = make(), data()
     layer(x).sum().backward()  # grad mode with a trainable weight: the plain path, with gradients
     assert layer.weight.grad is not None
+    frozen, x = make().requires_grad_(False), x.requires_grad_()  # only the input is recorded
+    frozen(x).sum().backward()
+    assert x.grad is not None
     with torch.no_grad():
         layer(x)
     assert list(layer.state_dict()) == list(nn.Linear(8, 8, bias=layer.bias is not None).state_dict())
