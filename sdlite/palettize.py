@@ -229,10 +229,10 @@ class PalettizedTensor:
             raise ValueError(f"rows {start}:{stop} are not output channels of a weight of shape {self.shape}")
         if start * row % per:
             raise ValueError(f"rows from {start} do not start on a whole code of {per} values")
-        n = (stop - start) * row
+        n, size = (stop - start) * row, self.decoded_numel(stop - start)
         if out is None:
-            out = torch.empty(self.decoded_numel(stop - start), dtype=dtype, device=self.indices.device)
-        flat = out.view(-1)[: self.decoded_numel(stop - start)]
+            out = torch.empty(size, dtype=dtype, device=self.indices.device)
+        flat = out.view(-1)[:size]
         first = start * row // per  # the first code
         if groups == 1:  # one look-up per code of a table of the values each code holds
             table = self.__dict__.get("_table")
