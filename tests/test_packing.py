@@ -1,6 +1,8 @@
 """sdlite.layers.Linear: prepacked oneDNN weights for CPU fp32 inference must give nn.Linear's
 numbers, follow weight changes, and stay out of autograd and state_dict."""
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,6 +122,25 @@ def test_packing_hands_back_the_pages_of_a_memory_mapped_weight(tmp_path):
         assert torch.allclose(layer(x), expected, atol=1e-4)
     assert mapping_resident_kib(layer.weight.data_ptr()) < 64
     assert torch.equal(layer.weight, values)
+
+
+@pytest.mark.parametrize("cpuinfo, mkl, expected", [
+    ("vendor_id\t: GenuineIntel\nflags\t: avx512f\n", True, True),
+    ("vendor_id\t: AuthenticAMD\nflags\t: avx512f\n", True, False),
+    ("vendor_id\t: GenuineIntel\n", False, False),  # a torch built without MKL
+    (None, True, False),  # no /proc/cpuinfo
+])
+def test_mkl_at_full_speed_reads_the_cpu_vendor(cpuinfo, mkl, expected, monkeypatch):
+    """Long attention stays on PyTorch's flash attention only where MKL runs at full speed."""
+    def fake_open(path, *args, **kwargs):
+        assert path == "/proc/cpuinfo"
+        if cpuinfo is None:
+            raise FileNotFoundError(path)
+        return io.StringIO(cpuinfo)
+
+    monkeypatch.setattr(layers, "open", fake_open, raising=False)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+    assert layers.mkl_at_full_speed() is expected
 
 
 @pytest.mark.parametrize("batch, queries, keys, heads", [(2, 70, 64, 2), (1, 33, 100, 4)])
