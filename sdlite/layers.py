@@ -1,8 +1,8 @@
 """Building blocks shared by the UNet and the VAE: a Linear layer that runs CPU inference on
 prepacked oneDNN weights, a Conv2d that also takes large weights kept at rest in slices,
-multi-head attention (SDPA, or oneDNN GEMMs for long sequences on the CPU), the resnet, down-
-and upsampling blocks, the sinusoidal timestep embedding and the activation table. Weight names
-follow diffusers'.
+multi-head attention (SDPA, or oneDNN GEMMs for long sequences on CPUs where MKL is slow), the
+resnet, down- and upsampling blocks, the sinusoidal timestep embedding and the activation table.
+Weight names follow diffusers'.
 
 Convolutions are not prepacked: once `sdlite.memory.set_malloc_policy` has removed the page
 faults of oneDNN's per-call weight buffers, they ran the SD 2.1 UNet faster than prepacked ones,
