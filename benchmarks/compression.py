@@ -262,8 +262,8 @@ def main(argv=None) -> int:
             rows[name] = row
             print(f"  {runs[name][-1]['seconds_per_step']:.2f} s/step, peak RSS "
                   f"{runs[name][-1]['peak_rss'] / 2**20:.0f} MiB", flush=True)
-            write_results(results_path, args, rows)
-    print(table(write_results(results_path, args, rows), args.eval_scenes > 0))
+            write_results(results_path, args, rows, list(settings))
+    print(table(write_results(results_path, args, rows, list(settings)), args.eval_scenes > 0))
     return 0
 
 
@@ -279,10 +279,10 @@ def combine_rounds(results: list[dict]) -> dict:
     return row
 
 
-def write_results(path: Path, args, rows: dict) -> list[dict]:
-    """All rows (earlier runs' first, in their order), with PSNR against the fp32 image decoded the
-    same way."""
-    ordered = list(rows.values())
+def write_results(path: Path, args, rows: dict, order: list[str]) -> list[dict]:
+    """All rows, in the settings' `order` (rows of settings not in it last), with PSNR against the
+    fp32 image decoded the same way."""
+    ordered = sorted(rows.values(), key=lambda r: order.index(r["setting"]) if r["setting"] in order else len(order))
     for r in ordered:
         reference = None if r["setting"] == "fp32" else rows.get("fp32" if r["setting"] == "fp32 low-memory"
                                                                   else "fp32 low-memory")

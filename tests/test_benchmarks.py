@@ -95,6 +95,25 @@ def test_compression_rounds_give_the_median_step_and_the_largest_peak_rss():
     assert "| 7.50 | 1.25x | 25.0 dB |" in compression.table(rows, with_eval=False)
 
 
+def test_compression_results_follow_the_settings_order(tmp_path):
+    """Rows kept from earlier runs come back in the settings' order, not the old file's; rows of
+    settings no longer offered go last. PSNR is against the fp32 (low-memory) image."""
+    from argparse import Namespace
+
+    from PIL import Image
+
+    rows = {}
+    for shade, name in enumerate(["6-bit jit", "fp32", "old setting", "fp32 low-memory"]):
+        image = tmp_path / f"{name}.png"
+        Image.new("RGB", (4, 4), (shade, 0, 0)).save(image)
+        rows[name] = {"setting": name, "image": str(image)}
+    args = Namespace(model="bundled", steps=3, size=None)
+    ordered = compression.write_results(tmp_path / "rows.json", args, rows, ["fp32", "fp32 low-memory", "6-bit jit"])
+    assert [r["setting"] for r in ordered] == ["fp32", "fp32 low-memory", "6-bit jit", "old setting"]
+    assert json.loads((tmp_path / "rows.json").read_text())["rows"] == ordered
+    assert ordered[0]["psnr"] is None and math.isfinite(ordered[2]["psnr"])
+
+
 def test_compression_cache_is_emptied_when_the_source_weights_change(tmp_path):
     source, cache = tmp_path / "model", tmp_path / "cache"
     (source / "unet").mkdir(parents=True)
