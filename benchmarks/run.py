@@ -78,6 +78,14 @@ def resolve_device(device: str, dtype: str, cuda_available: bool | None = None) 
     return device, dtype
 
 
+def gemm_sizes(quick: bool, device: str) -> list[int]:
+    """Square GEMM sizes for the matmul peak: a GPU needs far larger products than a CPU to reach
+    its peak (at 2048 an H200 would spend microseconds, mostly launching)."""
+    if quick:
+        return [256, 512]
+    return [4096, 8192] if device.startswith("cuda") else [1024, 2048]
+
+
 def engine_skip_reason(engine: str, device: str, dtype: str, sdxl: bool = False) -> str | None:
     """Why an engine cannot run in this configuration, or None."""
     if engine == "diffusers" and importlib.util.find_spec("diffusers") is None:
@@ -96,7 +104,8 @@ def run_process(spec: dict, workdir: Path, timeout: float) -> dict:
     """Run benchmarks.worker on `spec` in a fresh interpreter; its result, or an error entry."""
     name = spec["engine"]
     spec_path, result_path, log_path = (workdir / f"{name}.{s}" for s in ("spec.json", "result.json", "log"))
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keep the caller's
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=path)
     spec = dict(spec, spawned=time.time())
     spec_path.write_text(json.dumps(spec))
     with open(log_path, "w") as log:
@@ -161,7 +170,7 @@ def main(argv=None) -> dict:
     spec = dict(model=str(model), device=device, dtype=dtype, height=args.size, width=args.size, steps=args.steps,
                 sampler=args.sampler, cfg=args.cfg, seed=args.seed, threads=args.threads, batches=args.batches,
                 reps=args.reps, prompt="a lighthouse on a cliff at dusk, oil painting", negative_prompt="blurry",
-                gemm_sizes=[256, 512] if args.quick else [1024, 2048], gemm_reps=3 if args.quick else 5)
+                gemm_sizes=gemm_sizes(args.quick, device), gemm_reps=3 if args.quick else 5)
     name = args.name or f"{args.model}-{args.size}px-{args.steps}steps-{device.replace(':', '')}-{dtype}"
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"settings": {k: v for k, v in spec.items() if k not in ("gemm_sizes", "gemm_reps")},

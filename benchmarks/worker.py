@@ -213,14 +213,14 @@ def probe(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     config = UNetConfig.from_json(json.loads((Path(spec["model"]) / "unet" / "config.json").read_text()))
     flops = {}
+    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
     with torch.device("meta"):
-        unet = UNet2DConditionModel(config)
+        unet = UNet2DConditionModel(config).to(dtype)
     for n in spec["batches"]:
         x, context, added_cond = unet_inputs(spec, 2 * n if spec["cfg"] > 1 else n, "meta")
         with FlopCounterMode(display=False) as counter:
             unet(x, torch.tensor(500.0, device="meta"), context, added_cond)
         flops[n] = counter.get_total_flops()
-    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
     clock = Clock(device)
     best = {}  # GEMM -> best GFLOP/s
     for size in spec["gemm_sizes"]:

@@ -181,7 +181,7 @@ class VAEConfig:
     sample_size: int = 512  # pixel size the VAE was trained at
     scaling_factor: float = 0.18215  # latents fed to the UNet are z * scaling_factor (SDXL: 0.13025)
     shift_factor: float | None = None  # latents are (z - shift) * scale when set (not used by SD 1/2/XL)
-    force_upcast: bool = True  # the VAE overflows in fp16: decode it in fp32
+    force_upcast: bool = True  # the VAE overflows in fp16: SDXL decodes it in fp32
     use_quant_conv: bool = True  # 1x1 conv on the encoder moments
     use_post_quant_conv: bool = True  # 1x1 conv on z before decoding
     mid_block_add_attention: bool = True  # self-attention in the encoder/decoder mid blocks

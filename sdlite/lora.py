@@ -150,6 +150,7 @@ def merge_lora(pipeline, path: str | Path, weight: float = 1.0, allow_pickle: bo
             pipeline._lora_base.setdefault((network, module), parameter.data)
             # A new tensor: the one kept in _lora_base is never written to.
             parameter.data = (parameter.data.float() + weight * delta.to(parameter.device)).to(parameter.dtype)
+    forget_cuda_graphs(pipeline)
     return len(updates)
 
 
@@ -159,3 +160,11 @@ def unload_loras(pipeline) -> None:
         for (network, module), base in pipeline._lora_base.items():
             getattr(pipeline, network).get_submodule(module).weight.data = base
     pipeline._lora_base.clear()
+    forget_cuda_graphs(pipeline)
+
+
+def forget_cuda_graphs(pipeline) -> None:
+    """The UNet's recorded CUDA graphs read the weights they were recorded with: record anew."""
+    graphs = getattr(pipeline.unet, "cuda_graphs", None)  # (an OpenVINO UNet has none)
+    if graphs is not None:
+        graphs.clear()

@@ -345,15 +345,15 @@ def decode_tiled(vae: nn.Module, z: torch.Tensor, tile: int = 32, overlap: int =
         raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
     stride = tile - overlap
     f = vae.config.downscale_factor
-    out, weight = None, torch.zeros(1, 1, h * f, w * f, dtype=z.dtype)
-    ramp = torch.linspace(0, 1, overlap * f + 2, dtype=z.dtype)[1:-1]  # (overlap*f,) strictly inside (0, 1)
+    out, weight = None, torch.zeros(1, 1, h * f, w * f, dtype=z.dtype, device=z.device)
+    ramp = torch.linspace(0, 1, overlap * f + 2, dtype=z.dtype, device=z.device)[1:-1]  # strictly inside (0, 1)
     for top in range(0, max(h - overlap, 1), stride):
         for left in range(0, max(w - overlap, 1), stride):
             bottom, right = min(top + tile, h), min(left + tile, w)
             pixels = vae.decode(z[:, :, top:bottom, left:right])  # (B, 3, th*f, tw*f)
             if out is None:
-                out = torch.zeros(B, pixels.shape[1], h * f, w * f, dtype=pixels.dtype)
-            mask = torch.ones(1, 1, *pixels.shape[2:], dtype=pixels.dtype)
+                out = torch.zeros(B, pixels.shape[1], h * f, w * f, dtype=pixels.dtype, device=z.device)
+            mask = torch.ones(1, 1, *pixels.shape[2:], dtype=pixels.dtype, device=z.device)
             n = overlap * f
             if top > 0 and n:
                 mask[:, :, :n] *= ramp[:, None]

@@ -20,6 +20,7 @@ from PIL import Image
 from .clip import CLIPTextModel
 from .config import CLIPConfig, UNetConfig, VAEConfig
 from .loading import CheckpointError, load_component, load_network, read_json
+from .graphs import CUDAGraphs
 from .memory import (OnDemand, decode_tiled, keep_at_rest, network_device, network_dtype, release_weights,
                      set_malloc_policy, trim_heap, using)
 from .samplers import SAMPLERS, default_sampler, make_plan
@@ -96,6 +97,7 @@ class StableDiffusion:
         compute_dtype: torch.dtype | None = None,
         low_memory: bool = False,
         palettized_mode: str = "jit",
+        cuda_graphs: bool = True,
     ) -> "StableDiffusion":
         """Load a diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
         scheduler/) or a single-file checkpoint (.safetensors, or .ckpt with `allow_pickle`); with
@@ -119,7 +121,10 @@ class StableDiffusion:
         (`sdlite.memory.set_malloc_policy`: large freed blocks are kept for reuse), and the text
         encoders and the VAE give their memory-mapped weights' pages back after each use
         (`sdlite.memory.release_weights`); in low-memory mode the UNet does too while the VAE
-        decodes."""
+        decodes.
+        On CUDA, the UNet's calls replay CUDA graphs (`sdlite.graphs`: one launch instead of one per
+        kernel; the first call of each batch and size records one) unless `cuda_graphs` is False or
+        its weights are kept at rest."""
         path = BUNDLED_MODEL if path is None else Path(path)
         source = open_checkpoint(path, device, allow_pickle, prediction_type, palettized_mode)
         configs = source.configs
@@ -127,8 +132,11 @@ class StableDiffusion:
         vae_config = VAEConfig.from_json(configs["vae"])
         schedule = ScheduleConfig.from_json(configs["scheduler"])
         compute_dtype = dtype if compute_dtype is None else compute_dtype
-        # A VAE flagged force_upcast overflows in half precision (black images): compute it in fp32.
-        vae_compute = torch.float32 if vae_config.force_upcast and compute_dtype == torch.float16 else compute_dtype
+        # SDXL's VAE overflows in fp16 (black images): computed in fp32 where flagged force_upcast,
+        # as diffusers' SDXL pipeline does. Its SD 1.x/2.x pipelines ignore the flag (set in those
+        # VAEs' configs too) and decode in fp16, which those VAEs survive.
+        upcast = vae_config.force_upcast and unet_config.is_sdxl and compute_dtype == torch.float16
+        vae_compute = torch.float32 if upcast else compute_dtype
         vae_dtype = vae_compute if dtype == compute_dtype else dtype
 
         def held(component, network_class, config, dtype, compute, on_demand=False):
@@ -170,6 +178,8 @@ class StableDiffusion:
             for block in blocks:  # where the largest transients are
                 if block is not None:  # (a UNet without a mid block)
                     block.register_forward_hook(lambda *_: trim_heap())
+        if cuda_graphs and sd.device.type == "cuda" and not hasattr(sd.unet, "stored_tensors"):
+            sd.unet.cuda_graphs = CUDAGraphs()
         if sd.device.type == "cpu":
             set_malloc_policy()
             # used once per image: resident only while they run

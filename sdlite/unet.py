@@ -241,6 +241,7 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
         self.conv_act = activation(c.act_fn)
         self.conv_out = Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
+        self.cuda_graphs = None  # a sdlite.graphs.CUDAGraphs, set by the pipeline on CUDA
 
     def time_embed(self, timestep, B: int, dtype: torch.dtype, device, added_cond: dict | None) -> torch.Tensor:
         """(B, time_embed_dim) conditioning vector from the timestep (and SDXL's added_cond); (1, ...)
@@ -264,7 +265,21 @@ class UNet2DConditionModel(nn.Module):
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 added_cond: dict | None = None) -> torch.Tensor:
         """sample (B, C, H, W) latents, any H and W; timestep a number or (B,) tensor, may be
-        fractional; encoder_hidden_states (B, T, cross_attention_dim). Returns (B, out_channels, H, W)."""
+        fractional; encoder_hidden_states (B, T, cross_attention_dim). Returns (B, out_channels, H, W).
+        With `cuda_graphs` set (sdlite.graphs), CUDA calls in inference mode replay CUDA graphs."""
+        if self.cuda_graphs is None or not sample.is_cuda or not torch.is_inference_mode_enabled():
+            return self.run(sample, timestep, encoder_hidden_states, added_cond)
+        names = sorted(added_cond or {})  # SDXL's added conditioning: more inputs of the graph
+
+        def call(x, t, context, *added):
+            return self.run(x, t, context, dict(zip(names, added)) or None)
+
+        t = torch.as_tensor(timestep, device=sample.device)  # the graph reads it from the GPU
+        return self.cuda_graphs(call, sample, t, encoder_hidden_states, *(added_cond[k] for k in names))
+
+    def run(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+            added_cond: dict | None = None) -> torch.Tensor:
+        """`forward`'s work, call by call."""
         emb = self.time_embed(timestep, sample.shape[0], sample.dtype, sample.device, added_cond)
         context = encoder_hidden_states
         x = self.conv_in(sample)

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from benchmarks import compression, models, run
 
@@ -38,6 +39,7 @@ def test_device_and_dtype_selection():
         run.resolve_device("cpu", "float64", cuda_available=False)
     with pytest.raises(SystemExit, match="--device"):
         run.resolve_device("tpu", "auto", cuda_available=False)
+    assert max(run.gemm_sizes(False, "cuda")) >= 8192 and max(run.gemm_sizes(False, "cpu")) <= 2048
     assert run.engine_skip_reason("openvino", "cuda", "float16") is not None
     assert run.engine_skip_reason("sdlite", "cuda", "float16") is None
     assert "SDXL" in (run.engine_skip_reason("openvino", "cpu", "float32", sdxl=True) or "")
@@ -65,6 +67,19 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert "| UNet step (median) |" in table and "x) |" in table  # ratios to diffusers
     assert (tmp_path / "quick.png").stat().st_size > 1000
     assert json.loads((tmp_path / "quick.json").read_text())["settings"]["model"] == "tiny"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_quick_benchmark_on_cuda(tmp_path):
+    results = run.main(["--quick", "--device", "cuda", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path),
+                        "--name", "quick-cuda", "--engines", "sdlite,sdlite-low-memory,diffusers,openvino"])
+    assert results["settings"]["dtype"] == "float16" and results["machine"]["gpu"]
+    assert sorted(results["engines"]) == ["diffusers", "sdlite", "sdlite-low-memory"], results["notes"]
+    assert any(n.startswith("openvino skipped") for n in results["notes"])
+    for name, r in results["engines"].items():
+        assert r["peak_gpu_mb"] > 0 and r["unet_step_s"] > 0 and r["end_to_end_s"] > 0, name
+        print(f"quick cuda {name}: {r['max_pixel_diff_vs_diffusers']}/255 from diffusers' image")
+        assert r["max_pixel_diff_vs_diffusers"] <= 8, name  # fp16; tests/test_cuda.py checks parity closely
 
 
 def test_quick_sdxl_benchmark_end_to_end(tmp_path):

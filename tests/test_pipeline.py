@@ -171,3 +171,9 @@ def test_long_prompt_is_truncated_with_a_warning(reference_model):
     sd = StableDiffusion.from_pretrained(reference_model("sd1"))
     with pytest.warns(UserWarning, match="truncat"):
         next(sd.generate_latents("a red circle " * 40, steps=1, seed=0))
+
+
+def test_sd1_and_sd2_vaes_decode_in_half_precision_as_in_diffusers(reference_model):
+    """diffusers upcasts a VAE flagged force_upcast only in its SDXL pipeline (see test_sdxl)."""
+    sd = StableDiffusion.from_pretrained(reference_model("sd2"), dtype=torch.float16)
+    assert sd.vae.config.force_upcast and sd.vae_dtype == torch.float16

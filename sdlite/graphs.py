@@ -1,0 +1,60 @@
+"""CUDA graphs: a network call's kernels replayed with one launch.
+
+On a fast GPU a UNet call is bound by the CPU launching its ~1,500 kernels, not by the GPU: SD 2.1's
+UNet took 13 ms a call on an H200 in fp16 at 256 and at 512 px alike (batch 2), though the 512 px
+call has 4.4 times the FLOPs. A CUDA graph records the kernels of one call, at the first call with
+each input signature (shapes, dtypes), and later calls copy their inputs into the recorded ones and
+replay it.
+"""
+
+import threading
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+MAX_GRAPHS = 4  # signatures kept; each holds its call's activations, so the least recently used goes
+
+
+class CUDAGraphs:
+    """Runs `function(*inputs)` (CUDA tensors in, one tensor out) from recorded CUDA graphs. The
+    function must do the same work for every input of a signature: no host synchronisation, no
+    branch on values, no copies from the CPU. Its parameters must stay the same tensors: call
+    `clear` after replacing any (as LoRA merging does)."""
+
+    def __init__(self):
+        self.graphs = OrderedDict()  # signature -> (graph, its inputs, its output)
+        self.lock = threading.Lock()  # the recorded inputs and output are shared: one replay at a time
+
+    def __call__(self, function: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        signature = tuple((t.shape, t.dtype, t.device) for t in inputs)
+        with self.lock:
+            if signature in self.graphs:
+                self.graphs.move_to_end(signature)
+            else:
+                if len(self.graphs) == MAX_GRAPHS:
+                    self.graphs.popitem(last=False)
+                self.graphs[signature] = record(function, inputs)
+            graph, recorded_inputs, output = self.graphs[signature]
+            for recorded, value in zip(recorded_inputs, inputs):
+                recorded.copy_(value)
+            graph.replay()
+            return output.clone()  # the next replay overwrites `output`
+
+    def clear(self) -> None:
+        with self.lock:
+            self.graphs.clear()
+
+
+def record(function: Callable[..., torch.Tensor], inputs: tuple) -> tuple:
+    """(graph, its input tensors, its output tensor) for one call of `function` on copies of `inputs`."""
+    recorded_inputs = [t.clone() for t in inputs]
+    stream = torch.cuda.Stream(device=inputs[0].device)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # a plain call first: lazy set-up (handles, workspaces) stays out
+        function(*recorded_inputs)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        output = function(*recorded_inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, recorded_inputs, output
