@@ -54,7 +54,8 @@ def record(function: Callable[..., torch.Tensor], inputs: tuple) -> tuple:
     with torch.cuda.stream(stream):  # a plain call first: lazy set-up (handles, workspaces) stays out
         function(*recorded_inputs)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
+    # "thread_local": CUDA calls of other threads (the server's other workers) do not break the recording
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
         output = function(*recorded_inputs)
     torch.cuda.current_stream().wait_stream(stream)
     return graph, recorded_inputs, output

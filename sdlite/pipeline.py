@@ -19,8 +19,8 @@ from PIL import Image
 
 from .clip import CLIPTextModel
 from .config import CLIPConfig, UNetConfig, VAEConfig
-from .loading import CheckpointError, load_component, load_network, read_json
 from .graphs import CUDAGraphs
+from .loading import CheckpointError, load_component, load_network, read_json
 from .memory import (OnDemand, decode_tiled, keep_at_rest, network_device, network_dtype, release_weights,
                      set_malloc_policy, trim_heap, using)
 from .samplers import SAMPLERS, default_sampler, make_plan
