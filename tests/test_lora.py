@@ -211,3 +211,17 @@ def test_a_lora_that_does_not_fit_names_the_layer(sd1, tmp_path):
     save_file({"something.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError, match="not LoRA down/up/alpha weights"):
         sd.load_lora(tmp_path / "other.safetensors")
+
+
+def test_lora_merges_drop_recorded_cuda_graphs(sd1, tmp_path):
+    """Recorded CUDA graphs read the weights they were recorded with (see tests/test_cuda.py)."""
+    from sdlite.graphs import CUDAGraphs
+
+    folder, _, layers = sd1
+    path = write_kohya(layers, tmp_path / "lora.safetensors")
+    sd = StableDiffusion.from_pretrained(folder)
+    sd.unet.cuda_graphs = CUDAGraphs()
+    for change in (lambda: sd.load_lora(path), sd.unload_loras):
+        sd.unet.cuda_graphs.graphs["a recorded signature"] = None
+        change()
+        assert not sd.unet.cuda_graphs.graphs
