@@ -53,15 +53,12 @@ def onednn_weight(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     replaced). A weight that is not a parameter is materialised per call (sdlite.memory's weights
     at rest) and goes to oneDNN as it is: laying it out within the call is faster than packing it
     first (SD 2.1's linear shapes at 512 px, the weight rewritten before each call: 287 against
-    332 ms for one of each), and the copy would be used once. Where `MATERIALISED_ON_MKL`, such
-    a weight goes to MKL instead (None: plain F.linear): SD 2.1's UNet at 512 px with 6-bit jit
-    weights took 7.09 against 7.16 s a call, fp16 at rest 6.51 against 6.57 s (Xeon, medians of
-    6 alternating calls). Parameters stay packed there: MKL on the plain weight was 2.6% slower."""
+    332 ms for one of each), and the copy would be used once."""
     w = layer.weight
     if not runs_on_onednn(x, w):
         return None
     if layer._parameters.get("weight") is not w:
-        return None if MATERIALISED_ON_MKL else w
+        return w
     try:
         key = (w.data_ptr(), w._version)
     except RuntimeError:  # an inference tensor has no version counter
@@ -159,10 +156,6 @@ def mkl_at_full_speed() -> bool:
 # pixels, 186 against 231 ms for SD 2.1's 4,096-token self-attention at batch 2).
 LONG_KEYS = math.inf if mkl_at_full_speed() else 1024
 SCORES_BLOCK = 1 << 21  # attention scores computed at a time: 8 MiB in fp32
-# Linear weights materialised per call go to MKL's GEMM where it runs at full speed: it takes a
-# plain weight faster than oneDNN does (Xeon, 2 cores, weight rewritten before each call: 172.8
-# against 182.9 ms for 10240x1280 on 2,048 rows, 84.3 against 90.2 for 1280x5120).
-MATERIALISED_ON_MKL = mkl_at_full_speed()
 
 
 def onednn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

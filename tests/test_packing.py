@@ -54,12 +54,9 @@ def test_autograd_and_state_dict_are_untouched(make, data):
     assert list(layer.state_dict()) == list(nn.Linear(8, 8, bias=layer.bias is not None).state_dict())
 
 
-@pytest.mark.parametrize("on_mkl", [False, True])
-def test_weights_materialised_per_call_run_unpacked_and_nothing_is_kept(on_mkl, monkeypatch):
+def test_weights_materialised_per_call_run_on_onednn_and_nothing_is_kept():
     # sdlite.memory.keep_at_rest replaces parameters by plain tensors set just before each call:
-    # they go to oneDNN unpacked (it lays them out within the call), or to MKL's GEMM where MKL
-    # runs at full speed (MATERIALISED_ON_MKL), and no packed copy is kept.
-    monkeypatch.setattr(layers, "MATERIALISED_ON_MKL", on_mkl)
+    # they go to oneDNN unpacked (it lays them out within the call) and no packed copy is kept.
     layer, x = Linear(8, 8).eval(), torch.randn(2, 8)
     calls = []
     linear = torch.ops.mkldnn._linear_pointwise
@@ -73,7 +70,7 @@ def test_weights_materialised_per_call_run_unpacked_and_nothing_is_kept(on_mkl, 
                 patch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[1]) or linear(*a))
                 out = layer(x)
             assert torch.allclose(out, packed_result, atol=1e-6)
-            assert (calls.pop() is layer.weight) if not on_mkl else not calls
+            assert calls.pop() is layer.weight
     assert layer.__dict__["_packed"][0]() is None  # only the first (parameter) weight was kept
 
 
