@@ -8,6 +8,7 @@ replay it.
 """
 
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Callable
 
@@ -20,21 +21,30 @@ class CUDAGraphs:
     """Runs `function(*inputs)` (CUDA tensors in, one tensor out) from recorded CUDA graphs. The
     function must do the same work for every input of a signature: no host synchronisation, no
     branch on values, no copies from the CPU. Its parameters must stay the same tensors: call
-    `clear` after replacing any (as LoRA merging does)."""
+    `clear` after replacing any (as LoRA merging does). If a recording fails, calls run plainly
+    from then on, with a warning (the fall-back has not met such a failure on a GPU yet)."""
 
     def __init__(self):
         self.graphs = OrderedDict()  # signature -> (graph, its inputs, its output)
         self.lock = threading.Lock()  # the recorded inputs and output are shared: one replay at a time
+        self.failed = False  # a recording failed: every call runs plainly from then on
 
     def __call__(self, function: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         signature = tuple((t.shape, t.dtype, t.device) for t in inputs)
         with self.lock:
+            if self.failed:
+                return function(*inputs)
             if signature in self.graphs:
                 self.graphs.move_to_end(signature)
             else:
                 if len(self.graphs) == MAX_GRAPHS:
                     self.graphs.popitem(last=False)
-                self.graphs[signature] = record(function, inputs)
+                try:
+                    self.graphs[signature] = record(function, inputs)
+                except RuntimeError as e:  # an operation CUDA cannot record (another GPU, driver or torch)
+                    self.failed = True
+                    warnings.warn(f"CUDA graphs turned off: recording a call failed ({e}); calls run plainly")
+                    return function(*inputs)
             graph, recorded_inputs, output = self.graphs[signature]
             for recorded, value in zip(recorded_inputs, inputs):
                 recorded.copy_(value)

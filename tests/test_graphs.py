@@ -2,6 +2,7 @@
 call on the recorded inputs into the recorded output, as a replay does. tests/test_cuda.py checks
 the real graphs against plain calls on a GPU."""
 
+import pytest
 import torch
 
 import sdlite.graphs as graphs
@@ -48,3 +49,16 @@ def test_one_recording_per_signature_new_inputs_each_call_and_results_that_stay(
     assert fake_record.calls == 6
     cached.clear()
     assert not cached.graphs
+
+
+def test_a_failed_recording_turns_graphs_off_with_a_warning(monkeypatch):
+    def refuse(function, inputs):
+        refuse.calls += 1
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    refuse.calls = 0
+    monkeypatch.setattr(graphs, "record", refuse)
+    cached, x = graphs.CUDAGraphs(), torch.ones(2)
+    with pytest.warns(UserWarning, match="CUDA graphs turned off.*not permitted"):
+        assert torch.equal(cached(torch.neg, x), -x)
+    assert torch.equal(cached(torch.neg, 2 * x), -2 * x) and refuse.calls == 1  # not tried again
