@@ -2,9 +2,9 @@
 
 On a fast GPU a UNet call is bound by the CPU launching its kernels (SD 2.1's UNet runs about 650
 torch operations a call, each one kernel or more), not by the GPU: it took 13 ms a call on an H200
-in fp16 at 256 and at 512 px alike (batch 2), though the 512 px call has 4.4 times the FLOPs. A CUDA graph records the kernels of one call, at the first call with
-each input signature (shapes, dtypes), and later calls copy their inputs into the recorded ones and
-replay it.
+in fp16 at 256 and at 512 px alike (batch 2), though the 512 px call has 4.4 times the FLOPs. A
+CUDA graph records the kernels of one call, at the first call with each input signature (shapes,
+dtypes), and later calls copy their inputs into the recorded ones and replay it: 7.6 and 11.2 ms.
 """
 
 import threading

@@ -185,7 +185,8 @@ def test_cuda_graphs_follow_lora_merges(family_model, tmp_path):
 
     folder, _ = family_model("sd1")
     reference = diffusers.StableDiffusionPipeline.from_pretrained(folder)
-    path = write_kohya(build_lora(reference, {"unet": SD1_UNET, "text_encoder": SD1_TEXT}), tmp_path / "lora.safetensors")
+    layers = build_lora(reference, {"unet": SD1_UNET, "text_encoder": SD1_TEXT})
+    path = write_kohya(layers, tmp_path / "lora.safetensors")
     graphed, plain = (sdlite_pipeline(folder, DEVICE, torch.float16, cuda_graphs=g) for g in (True, False))
 
     def images(sd):
