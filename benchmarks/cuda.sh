@@ -5,10 +5,11 @@
 #     bash benchmarks/cuda.sh OUT_DIR
 set -uo pipefail
 out=${1:?usage: bash benchmarks/cuda.sh OUT_DIR}
-mkdir -p "$out"
+out=$(mkdir -p "$out" && cd "$out" && pwd)  # absolute: the script moves to the repository's root
 cd "$(dirname "$0")/.."
+python -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' 2>/dev/null \
+    || { echo "cuda.sh: torch sees no CUDA GPU" >&2; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 python -m pytest -q -s -rs tests/test_cuda.py tests/test_benchmarks.py::test_quick_benchmark_on_cuda \
     > "$out/cuda-tests.log" 2>&1
 grep -E "^fp16|^quick cuda|passed|failed|Error" "$out/cuda-tests.log"
