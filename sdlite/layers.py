@@ -39,10 +39,12 @@ def runs_on_onednn(*tensors: torch.Tensor) -> bool:
     weights, `onednn_attention`, `Conv2d`'s GEMM), which autograd does not see through: CPU fp32
     tensors, oneDNN available, nothing for autograd to record, not tracing or compiling
     (exporters and compilers see the plain ops)."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    # Tracing and compiling are asked first: torch.compile does not trace mkldnn.is_available
+    # (a graph break in every layer).
+    return (not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and torch.backends.mkldnn.is_available()
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+            and torch.backends.mkldnn.is_available())
 
 
 def onednn_weight(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:

@@ -172,6 +172,23 @@ def test_unet_and_vae_with_long_attention_on_onednn(components, monkeypatch):
         assert calls
 
 
+def test_networks_trace_whole_for_torch_compile(components):
+    """torch.compile sees each network as one graph: no graph break where sdlite picks its CPU
+    kernels (`runs_on_onednn` answers before asking oneDNN, which dynamo does not trace)."""
+    import torch._dynamo
+
+    unet, vae, text = components["unet"], components["vae"], components["text_encoder"]
+    ours_unet = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(unet.config)), unet.state_dict())
+    ours_vae = build_ours(AutoencoderKL, VAEConfig.from_json(dict(vae.config)), vae.state_dict())
+    ours_text = build_ours(CLIPTextModel, CLIPConfig.from_json(text.config.to_dict()), clip_state_dict(text))
+    x, ctx = unet_inputs(2, 8, 8, CROSS_ATTENTION_DIM)
+    with torch.no_grad():
+        for function, args in ((ours_unet, (x, torch.tensor(500.0), ctx)), (ours_vae.decode, (x[:1],)),
+                               (ours_text, (token_ids(),))):
+            explained = torch._dynamo.explain(function)(*args)
+            assert explained.graph_break_count == 0, explained.break_reasons[0].reason
+
+
 def test_feed_forward_in_token_slices_matches_the_whole(components):
     """Low-memory mode's chunk_feed_forward: the same UNet output, slices of 7 tokens (the last
     one shorter) against all 64 at once, and a no-op for calls with fewer tokens."""
