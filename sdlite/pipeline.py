@@ -169,16 +169,17 @@ class StableDiffusion:
             sd.load_lora(lora_path, weight, allow_pickle)
         sd.long_prompts = long_prompts
         sd.low_memory = low_memory
+        unet_at_rest = hasattr(sd.unet, "stored_tensors")  # palettized jit or fp16 at rest
         if low_memory:
             sd.vae_tile_size = 32
             chunk_feed_forward(sd.unet, 1024)
             # Trimming pays where the weights are compact (kept at rest), so the heap is much of the
             # RSS; with fp32 weights it cost 7-17% of a step at 256 px and lowered no peak.
-            blocks = [sd.unet.mid_block, *sd.unet.up_blocks] if hasattr(sd.unet, "stored_tensors") else []
+            blocks = [sd.unet.mid_block, *sd.unet.up_blocks] if unet_at_rest else []
             for block in blocks:  # where the largest transients are
                 if block is not None:  # (a UNet without a mid block)
                     block.register_forward_hook(lambda *_: trim_heap())
-        if cuda_graphs and sd.device.type == "cuda" and not hasattr(sd.unet, "stored_tensors"):
+        if cuda_graphs and sd.device.type == "cuda" and not unet_at_rest:
             sd.unet.cuda_graphs = CUDAGraphs()
         if sd.device.type == "cpu":
             set_malloc_policy()
