@@ -302,7 +302,7 @@ class StableDiffusion:
         factor = self.vae.config.downscale_factor
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < factor or value % 8:
-                raise ValueError(f"{name} must be a positive multiple of 8 (at least {factor}), got {value!r}")
+                raise ValueError(f"{name} must be a multiple of 8, at least {max(8, factor)}; got {value!r}")
         return height // factor, width // factor
 
     def _denoise(self, x, plan, conditioning, cfg, generator) -> Iterator[tuple[int, torch.Tensor]]:

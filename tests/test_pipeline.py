@@ -146,8 +146,8 @@ def test_image_sides_are_cut_to_multiples_of_64(reference_model):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(height=60), "height must be a positive multiple of 8"),
-        (dict(width=0), "width must be a positive multiple of 8"),
+        (dict(height=60), "height must be a multiple of 8, at least 8; got 60"),
+        (dict(width=0), "width must be a multiple of 8, at least 8; got 0"),
         (dict(steps=0), "steps must be a positive integer"),
         (dict(sampler="heun"), "ddim"),
         (dict(n_images=0), "n_images must be a positive integer"),
