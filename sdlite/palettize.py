@@ -20,6 +20,8 @@ For 6 bits a code is 12 bits holding two consecutive indices (the first in its l
 low bytes of all m codes come first, then m/2 bytes of high 4 bits: byte j holds those of code j
 in its low half and of code j + m/2 in its high half. Every code is then read with whole-array
 operations, with no 3-byte strides. The indices are padded with zeros to a multiple of 8.
+Decoding is one table look-up per code: a C loop where a C compiler is available
+(`sdlite.kernels`), else torch ops.
 """
 
 import json
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
 from .loading import CheckpointError, canonical_state, find_weight_files, read_json, read_safetensors, read_weights
 
 BITS = (1, 2, 4, 6, 8)
@@ -132,38 +135,44 @@ def code_indices(bits: int) -> torch.Tensor:
     return ((codes >> (bits * torch.arange(per))) & ((1 << bits) - 1)).to(torch.uint8)
 
 
-CODE_BLOCK = 1 << 19  # codes decoded at a time: their int32 copy (2 MiB) stays in the cache
+CODE_BLOCK = 1 << 19  # codes decoded at a time by torch ops: their int32 copy (2 MiB) stays in the cache
 
 
 def decode(packed: torch.Tensor, bits: int, table: torch.Tensor, out: torch.Tensor, first: int = 0) -> torch.Tensor:
     """Codes `first`, `first` + 1, ... of `packed` (as many as `out` takes) looked up in `table`
-    (codes, values per code), written to `out`; returns `out`. torch's own threads do the work,
-    by blocks."""
+    (codes, values per code), written to `out`; returns `out`."""
     per = table.shape[1]
     table, rows = as_words(table), as_words(out.view(-1, per))
     stop = first + len(rows)
-    buffer = torch.empty(min(CODE_BLOCK, len(rows)), dtype=torch.int32, device=packed.device)
     if bits != 6:
-        for start in range(first, stop, CODE_BLOCK):
-            end = min(start + CODE_BLOCK, stop)
-            codes = buffer[: end - start].copy_(packed[start:end])
-            torch.index_select(table, 0, codes, out=rows[start - first:end - first])
+        look_up(packed[first:stop], None, 0, table, rows)
         return out
     m = packed.numel() * 2 // 3
     half = m // 2
     low, high = packed[:m], packed[m:]
-
-    def look_up(codes: torch.Tensor, start: int) -> None:  # `codes` holds the high 4 bits of codes start...
-        codes.bitwise_left_shift_(8).bitwise_or_(low[start:start + len(codes)])
-        torch.index_select(table, 0, codes, out=rows[start - first:start - first + len(codes)])
-
-    for start in range(first, min(stop, half), CODE_BLOCK):  # codes j < m/2: low nibbles of byte j
-        end = min(start + CODE_BLOCK, stop, half)
-        look_up(torch.bitwise_and(high[start:end], 15, out=buffer[: end - start]), start)
-    for start in range(max(first, half), stop, CODE_BLOCK):  # the rest: high nibbles of byte j - m/2
-        end = min(start + CODE_BLOCK, stop)
-        look_up(torch.bitwise_right_shift(high[start - half:end - half], 4, out=buffer[: end - start]), start)
+    if first < half:  # codes j < m/2: low nibbles of byte j
+        end = min(stop, half)
+        look_up(low[first:end], high[first:end], 0, table, rows[:end - first])
+    if stop > half:  # the rest: high nibbles of byte j - m/2
+        start = max(first, half)
+        look_up(low[start:stop], high[start - half:stop - half], 4, table, rows[start - first:])
     return out
+
+
+def look_up(low: torch.Tensor, high: torch.Tensor | None, shift: int, table: torch.Tensor, out: torch.Tensor) -> None:
+    """out[j] = table[code j]: code j is low[j] (a byte), or with `high` the 12-bit code
+    low[j] + 256 * (high[j] >> shift & 15). By sdlite's C kernel where it applies
+    (`sdlite.kernels`), else by torch ops, `CODE_BLOCK` codes at a time."""
+    if kernels.look_up(low, high, shift, table, out):
+        return
+    codes = torch.empty(min(CODE_BLOCK, len(low)), dtype=torch.int32, device=low.device)
+    for start in range(0, len(low), CODE_BLOCK):
+        end = min(start + CODE_BLOCK, len(low))
+        block = codes[:end - start].copy_(low[start:end])
+        if high is not None:
+            block.bitwise_or_(high[start:end].to(torch.int32).bitwise_right_shift_(shift)
+                              .bitwise_and_(15).bitwise_left_shift_(8))
+        torch.index_select(table, 0, block, out=out[start:end])
 
 
 WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import sdlite.kernels as kernels
 import sdlite.memory as memory
 import sdlite.palettize as palettize_module
 import sdlite.pipeline as pipeline_module
@@ -292,10 +293,16 @@ def test_cli_compress_and_generate_with_low_memory(source, tmp_path, capsys):
     assert image.is_file()
 
 
+@pytest.mark.parametrize("route", ["kernel", "torch ops"])
 @pytest.mark.parametrize("bits", BITS)
-def test_unpacking_by_blocks_into_a_buffer_gives_the_weight(bits, monkeypatch):
-    """Codes are decoded block by block (here blocks of 1,000 codes, so many blocks and a ragged
-    last one), into a caller's buffer (weights at rest), with any number of threads."""
+def test_unpacking_into_a_buffer_gives_the_weight(bits, route, monkeypatch):
+    """Codes are decoded into a caller's buffer (weights at rest), with any number of threads, by
+    sdlite's C kernel (`sdlite.kernels`) or by torch ops block by block (here blocks of 1,000
+    codes, so many blocks and a ragged last one)."""
+    if route == "kernel" and kernels.library() is None:
+        pytest.skip("no C compiler builds sdlite's kernels here")
+    if route == "torch ops":
+        monkeypatch.setattr(kernels, "_library", False)
     monkeypatch.setattr(palettize_module, "CODE_BLOCK", 1000)
     torch.manual_seed(2)
     index = torch.randint(0, 2**bits, (64_003,), dtype=torch.uint8)
