@@ -75,8 +75,8 @@ def build():
     if compiler is None:
         return None
     key = hashlib.sha256(f"{SOURCE}{FLAGS}{compiler}{platform.machine()}{sys.platform}".encode()).hexdigest()[:16]
-    path = cache_dir() / f"kernels-{key}.so"
     try:
+        path = cache_dir() / f"kernels-{key}.so"  # RuntimeError where no home directory is known
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as work:
@@ -90,7 +90,7 @@ def build():
                 done.check_returncode()
                 os.replace(built, path)  # atomic: another process may be building the same file
         lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as error:
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(f"sdlite's C kernels could not be built with {compiler} ({detail}); "
                       "torch ops are used instead (slower)", stacklevel=3)

@@ -106,6 +106,16 @@ def test_a_failing_compiler_warns_once_and_torch_ops_decode(own_cache, monkeypat
 
 
 @needs_kernels
+def test_no_place_for_the_cache_warns_and_torch_ops_decode(own_cache, monkeypatch):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(kernels, "cache_dir", no_home)
+    with pytest.warns(UserWarning, match="home directory"):
+        assert kernels.library() is None
+
+
+@needs_kernels
 def test_kernels_are_built_once_and_read_from_the_cache(own_cache, monkeypatch):
     assert kernels.library() is not None
     assert len(list(own_cache.glob("kernels-*.so"))) == 1
