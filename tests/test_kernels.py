@@ -31,7 +31,8 @@ def own_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("n, threads", [(1, 1), (1001, 1), (200_003, 2)])  # 200k: over the OpenMP threshold
 def test_look_up_matches_torch(word, twelve_bits, n, threads):
     torch.manual_seed(0)
-    table = torch.randint(-(2**15), 2**15, (4096 if twelve_bits else 256,)).to(word)
+    entries = 4096 if twelve_bits else 256
+    table = torch.randint(0, 256, (entries * word.itemsize,), dtype=torch.uint8).view(word)  # every byte
     packed = torch.randint(0, 256, (n + 3,), dtype=torch.uint8)
     low = packed[3:]  # not at the start of its storage
     high = torch.randint(0, 256, (n,), dtype=torch.uint8) if twelve_bits else None
