@@ -300,9 +300,10 @@ class StableDiffusion:
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
         factor = self.vae.config.downscale_factor
+        smallest = max(8, factor)
         for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < factor or value % 8:
-                raise ValueError(f"{name} must be a multiple of 8, at least {max(8, factor)}; got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest or value % 8:
+                raise ValueError(f"{name} must be a multiple of 8, at least {smallest}; got {value!r}")
         return height // factor, width // factor
 
     def _denoise(self, x, plan, conditioning, cfg, generator) -> Iterator[tuple[int, torch.Tensor]]:
