@@ -184,6 +184,9 @@ def test_small_input_3x3_convolutions_run_as_a_gemm(bias, monkeypatch):
     with torch.no_grad():
         assert torch.allclose(conv(small), F.conv2d(small, conv.weight, conv.bias, padding=1), atol=1e-5)
         assert gemms == [(2 * 20, 6 * 9)]
+        last = small.to(memory_format=torch.channels_last)  # patches follow the input's strides
+        assert torch.allclose(conv(last), F.conv2d(small, conv.weight, conv.bias, padding=1), atol=1e-5)
+        gemms.pop()
         weight = conv.weight.detach().clone()
         del conv._parameters["weight"]
         conv.weight = weight  # materialised per call (weights at rest)
