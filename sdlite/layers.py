@@ -4,10 +4,11 @@ multi-head attention (SDPA, or oneDNN GEMMs for long sequences on CPUs where MKL
 resnet, down- and upsampling blocks, the sinusoidal timestep embedding and the activation table.
 Weight names follow diffusers'.
 
-Convolutions are not prepacked: once `sdlite.memory.set_malloc_policy` has removed the page
-faults of oneDNN's per-call weight buffers, they ran the SD 2.1 UNet faster than prepacked ones,
-whose channels-last outputs need a copy back to NCHW (2.04 vs 2.2 s per step at 256 px, batch 2).
-3x3 convolutions on inputs of at most `SMALL_INPUT` pixels (the UNet's lowest levels) run as one
+Convolutions run on prepacked weights as well, and their activations stay channels-last from
+one to the next, which oneDNN takes without re-laying them out: an SD 2.1 UNet call at 256 px
+took 1.46 against 1.51 s, a VAE decode 2.02 against 2.12 s (Intel Xeon, in-process A/B). (Packed
+convolutions whose outputs were copied back to NCHW had been slower on an AMD EPYC.) 3x3
+convolutions on inputs of at most `SMALL_INPUT` pixels (the UNet's lowest levels) run as one
 GEMM instead (`Conv2d`)."""
 
 import math
@@ -28,7 +29,7 @@ class Linear(nn.Linear):
     devices or dtypes it is plain nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = onednn_weight(self, x)
+        weight = onednn_weight(self, x, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, None))
         if weight is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, self.bias, "none", [], "")
@@ -47,9 +48,9 @@ def runs_on_onednn(*tensors: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
-def onednn_weight(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
-    """The weight oneDNN's linear takes for input `x`, or None where oneDNN does not apply
-    (autograd, non-CPU, non-fp32, no oneDNN, tracing or compiling).
+def onednn_weight(layer: nn.Module, x: torch.Tensor, pack) -> torch.Tensor | None:
+    """The weight oneDNN takes for `layer`'s call on input `x`: `pack(weight)`, kept; or None
+    where oneDNN does not apply (autograd, non-CPU, non-fp32, no oneDNN, tracing or compiling).
 
     A parameter's prepacked copy is kept and made again when the parameter changes (in place or
     replaced). A weight that is not a parameter is materialised per call (sdlite.memory's weights
@@ -74,7 +75,7 @@ def onednn_weight(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
         return state[2]
     layer.__dict__["_packed"] = None  # free the old copy first
     with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+        packed = pack(w.detach())
     layer.__dict__["_packed"] = (weakref.ref(w), key, packed, w.untyped_storage())
     release_pages([w])  # the packed copy is what runs from now on
     return packed
@@ -93,13 +94,17 @@ class Conv2d(nn.Conv2d):
     viewed as a matrix. On small inputs oneDNN's direct convolution spends its time laying out
     the weight: SD 2.1's 1280-channel convolutions at batch 2 took 3.9 against 7.8 ms on 4x4
     inputs and 12.9 against 16.5 ms on 8x8; on 16x16 the GEMM was 1.6x slower. (Prepacking the
-    matrix saved another 5-15% a call but cost about 0.6 s in the first UNet call.)"""
+    matrix saved another 5-15% a call but cost about 0.6 s in the first UNet call.)
+
+    Other convolutions run on a prepacked copy of the weight (`onednn_weight`), as `Linear`
+    does, and give channels-last outputs, which the next convolution takes without a re-layout."""
 
     takes_slices = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         if isinstance(w, Slices):
+            x = x.contiguous()  # NCHW, as for other weights materialised per call (below)
             return torch.cat([self._conv_forward(x, part, None if b is None else b[start:stop])
                               for start, stop, part in w], dim=1)
         if self.runs_as_gemm(x):
@@ -110,8 +115,16 @@ class Conv2d(nn.Conv2d):
             sB, sC, sH, sW = padded.stride()
             patches = padded.as_strided((B, H, W, C, 3, 3), (sB, sH, sW, sC, sH, sW)).reshape(B * H * W, C * 9)
             y = torch.ops.mkldnn._linear_pointwise(patches, w.reshape(len(w), -1), b, "none", [], "")
-            return y.view(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
-        return super().forward(x)
+            return y.view(B, H, W, -1).permute(0, 3, 1, 2)  # channels-last, as the packed convolutions
+        weight = None if self.padding_mode != "zeros" or isinstance(self.padding, str) else onednn_weight(
+            self, x, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, x.shape))
+        if weight is None:
+            return super().forward(x)
+        if weight is w:  # materialised for this call (at rest): oneDNN lays such weights out
+            return super().forward(x.contiguous())  # faster for NCHW inputs (1280 channels: 63 vs 88 ms)
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, b, self.padding, self.stride, self.dilation,
+                                                       self.groups, "none", [], "")
 
     def runs_as_gemm(self, x: torch.Tensor) -> bool:
         """Whether this call runs as one GEMM: CPU fp32 inference (nothing for autograd to record)

@@ -44,7 +44,7 @@ class VAEAttention(Attention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C); x may be channels-last
         h = super().forward(h)
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 

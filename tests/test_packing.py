@@ -1,5 +1,6 @@
-"""sdlite.layers.Linear: prepacked oneDNN weights for CPU fp32 inference must give nn.Linear's
-numbers, follow weight changes, and stay out of autograd and state_dict."""
+"""sdlite.layers.Linear and Conv2d: prepacked oneDNN weights for CPU fp32 inference must give
+nn.Linear's and nn.Conv2d's numbers, follow weight changes, and stay out of autograd and
+state_dict."""
 
 import io
 
@@ -17,10 +18,17 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 LAYERS = [
     (lambda: Linear(48, 80), lambda: torch.randn(2, 7, 48)),
     (lambda: Linear(48, 80, bias=False), lambda: torch.randn(3, 48)),
+    # convolutions on inputs over SMALL_INPUT pixels (smaller ones run as a GEMM, tested below)
+    (lambda: layers.Conv2d(6, 10, 3, padding=1), lambda: torch.randn(2, 6, 9, 12)),
+    (lambda: layers.Conv2d(6, 10, 1, bias=False), lambda: torch.randn(1, 6, 9, 11)),
+    (lambda: layers.Conv2d(6, 6, 3, stride=2, padding=1), lambda: torch.randn(2, 6, 10, 10)),
+    (lambda: layers.Conv2d(6, 6, 3, stride=2), lambda: torch.randn(1, 6, 11, 10)),  # the VAE's downsampler
 ]
 
 
 def plain(layer, x):
+    if isinstance(layer, nn.Conv2d):
+        return layer._conv_forward(x, layer.weight, layer.bias)  # nn.Conv2d's own
     return F.linear(x, layer.weight, layer.bias)
 
 
@@ -30,7 +38,8 @@ def test_packed_matches_plain_and_follows_weight_changes(make, data):
     layer, x = make().eval(), data()
     with torch.inference_mode():
         assert torch.allclose(layer(x), plain(layer, x), atol=1e-5)
-        assert layer.__dict__["_packed"][2] is not None  # the packed path ran
+        packed = layer.__dict__["_packed"][2]
+        assert packed is not None and packed is not layer.weight  # the packed path ran
         layer.weight.mul_(-2)  # in place, as a LoRA merge does
         assert torch.allclose(layer(x), plain(layer, x), atol=1e-5)
     layer.weight = nn.Parameter(torch.randn_like(layer.weight))  # replaced
