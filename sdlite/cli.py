@@ -287,12 +287,23 @@ def read_record(path: Path) -> dict:
     record = images.read_png_text(path).get("sdlite")
     if record is None:
         raise UsageError(f"{path} has no sdlite metadata to reproduce")
-    return json.loads(record)
+    try:
+        record = json.loads(record)
+        if isinstance(record["settings"], dict) and isinstance(record["file"], dict):
+            return record
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise UsageError(f"{path}: its sdlite metadata is damaged (not a record sdlite wrote)")
 
 
 def check(s: Settings, out: Output) -> None:
     """The usage checks that need no model, so that they fail at once."""
-    if s.n_images % s.n_rows:
+    if s.sampler is not None and s.sampler not in images.WEBUI_SAMPLERS:
+        raise UsageError(f"unknown sampler {s.sampler!r}; valid samplers: {sorted(images.WEBUI_SAMPLERS)}")
+    for name, value in (("height", s.height), ("width", s.width)):
+        if value is not None and value % 8:
+            raise UsageError(f"--{name} must be a multiple of 8; got {value}")
+    if s.n_rows < 1 or s.n_images % s.n_rows:
         raise UsageError(f"--n-rows {s.n_rows} does not divide --n-images {s.n_images}: "
                          "every row of the grid must be full")
     if s.triangle and (s.n_images > 1 or out.save_each or out.show_denoising or out.save_last):

@@ -40,6 +40,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """The image at `path` as RGB (an alpha channel is dropped), with a one-line error if unreadable."""
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I"):  # 16-bit greyscale: PIL's RGB conversion would clip it at 255
+                return image.convert("I").point(lambda v: v * (1 / 257)).convert("RGB")
             return image.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"input image not found: {path}") from None

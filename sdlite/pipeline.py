@@ -390,6 +390,12 @@ class StableDiffusion:
         plan, context, cfg, generator = self._setup(
             prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength, tuple(pixels.shape[-2:])
         )
+        if plan.num_steps == 0:  # nothing to denoise: no encoding either
+            if strength > 0:
+                total = self.default_steps if steps is None else steps
+                warnings.warn(f"strength {strength} runs no step of {total}: the image comes back unchanged",
+                              stacklevel=2)
+            return iter(())
         with torch.inference_mode():
             with using(self.vae) as vae:
                 posterior = vae.encode(pixels.to(self.vae_dtype))
@@ -399,24 +405,22 @@ class StableDiffusion:
         return self._denoise(plan.add_noise(x0, noise), plan, context, cfg, generator)
 
     def fit_image(self, image: Image.Image, height: int | None = None, width: int | None = None) -> Image.Image:
-        """The RGB image img2img works on: resized to height x width when given, then cut down to
-        multiples of 64 (with a warning)."""
+        """The RGB image img2img works on: its own size, or height x width where given, cut down
+        to multiples of 64 (with a warning); resized once, so a replay of the recorded size gives
+        the same pixels."""
         if not isinstance(image, Image.Image):
             raise ValueError(f"image must be a PIL image, got {type(image).__name__}")
         if height is not None or width is not None:
-            height = image.height if height is None else height
-            width = image.width if width is None else width
-            self._latent_size(height, width)
-            image = image.resize((width, height), Image.LANCZOS)
-        w, h = image.size
+            self._latent_size(height, width)  # the sides given (the other is the model's default here)
+        w = image.width if width is None else width
+        h = image.height if height is None else height
         new_w, new_h = w - w % IMAGE_MULTIPLE, h - h % IMAGE_MULTIPLE
         if new_w == 0 or new_h == 0:
             raise ValueError(f"image is {w}x{h}; img2img needs at least {IMAGE_MULTIPLE}x{IMAGE_MULTIPLE} pixels")
         if (new_w, new_h) != (w, h):
-            warnings.warn(
-                f"image is {w}x{h}, not a multiple of {IMAGE_MULTIPLE}: resized to {new_w}x{new_h}",
-                stacklevel=3,
-            )
+            warnings.warn(f"image is {w}x{h}, not a multiple of {IMAGE_MULTIPLE}: resized to {new_w}x{new_h}",
+                          stacklevel=3)
+        if (new_w, new_h) != image.size:
             image = image.resize((new_w, new_h), Image.LANCZOS)
         return image.convert("RGB")
 
@@ -450,12 +454,12 @@ class StableDiffusion:
         self, image: Image.Image, prompt: str, strength: float = 0.8, *, decode_batch_size: int | None = None, **kwargs
     ) -> list[Image.Image]:
         """Transform an image guided by text; keywords as for `generate_latents_from_image`."""
+        image = self.fit_image(image, kwargs.pop("height", None), kwargs.pop("width", None))
         latents = None
         for _, latents in self.generate_latents_from_image(image, prompt, strength, **kwargs):
             pass
-        if latents is None:  # strength 0: no step runs, the image comes back unchanged
-            fitted = self.fit_image(image, kwargs.get("height"), kwargs.get("width"))
-            return [fitted.copy() for _ in range(kwargs.get("n_images", 1))]
+        if latents is None:  # no step ran (strength 0, or too small for the steps): the image unchanged
+            return [image.copy() for _ in range(kwargs.get("n_images", 1))]
         return self.decode(latents, decode_batch_size)
 
 

@@ -53,7 +53,10 @@ def parse_weights(text: str) -> list[tuple]:
         elif token == "[":
             square_open.append(len(fragments))
         elif weight is not None and round_open:
-            multiply(round_open.pop(), float(weight))
+            try:
+                multiply(round_open.pop(), float(weight))
+            except ValueError:
+                raise ValueError(f"prompt weight {weight!r} in {token.strip()!r} is not a number") from None
         elif token == ")" and round_open:
             multiply(round_open.pop(), ROUND_BRACKETS)
         elif token == "]" and square_open:

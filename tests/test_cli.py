@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from sdlite.images import EMPTY_CELL, GAP, WEBUI_SAMPLERS
 
@@ -143,6 +144,15 @@ def test_img2img_and_replay(model, source, tmp_path):
     assert same_pixels(tmp_path / "out.png", tmp_path / "again.png")
 
 
+def test_img2img_of_a_size_cut_to_64_replays_pixel_for_pixel(model, tmp_path):
+    Image.effect_noise((100, 100), 64).convert("RGB").save(tmp_path / "noise.png")
+    ok(sdlite("img2img", "noise.png", "a blue sphere", "--height", 72, "--width", 72, "--strength", 0.5,
+              "--steps", 4, "--seed", 1, "--model", model, "-o", "cut.png", cwd=tmp_path))
+    assert Image.open(tmp_path / "cut.png").size == (64, 64)
+    ok(sdlite("generate", "--from-png", "cut.png", "-o", "again.png", cwd=tmp_path))
+    assert same_pixels(tmp_path / "cut.png", tmp_path / "again.png")
+
+
 def test_triangle(model, source, tmp_path):
     ok(sdlite("img2img", source, "a blue sphere", "-gt", "--triangle-strengths", "0.1,0.5,1",
               "--triangle-steps", "2,4", "--sampler", "ddim", "--seed", 1, "--model", model, cwd=tmp_path))
@@ -218,8 +228,9 @@ ERRORS = {
     "no metadata": (["generate", "--from-png", "bad.png"], "cannot read image"),
     "quiet and verbose": (["generate", "p", "-q", "-v"], "not allowed with"),
     "triangle with a batch": (["img2img", "{source}", "p", "-gt", "--n-images", "2"], "--triangle"),
-    "unknown sampler": (["generate", "p", "--model", "{model}", "--sampler", "nope"], "nope"),
-    "height not a multiple of 8": (["generate", "p", "--model", "{model}", "--height", "60"], "multiple of 8"),
+    # Checked before the model loads: a missing model is not what is reported.
+    "unknown sampler": (["generate", "p", "--model", "nowhere", "--sampler", "nope"], "unknown sampler 'nope'"),
+    "height not a multiple of 8": (["generate", "p", "--model", "nowhere", "--height", "60"], "multiple of 8"),
     "unknown device": (["generate", "p", "--model", "{model}", "--device", "nope"], "device 'nope' is not available"),
 }
 
@@ -241,6 +252,26 @@ def test_png_without_metadata_is_refused(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     result = sdlite("generate", "--from-png", "plain.png", "-o", "again.png", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr == "sdlite: error: plain.png has no sdlite metadata to reproduce\n"
+
+
+@pytest.mark.parametrize("chunk", ["{}", "[1]", "not json", '{"settings": {}, "file": 3}'])
+def test_png_with_damaged_metadata_is_refused(chunk, tmp_path):
+    info = PngInfo()
+    info.add_text("sdlite", chunk)
+    Image.new("RGB", (8, 8)).save(tmp_path / "damaged.png", pnginfo=info)
+    result = sdlite("generate", "--from-png", "damaged.png", "-o", "again.png", cwd=tmp_path)
+    assert result.returncode == 2 and "sdlite metadata is damaged" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_replay_of_n_rows_0_is_refused(batch, tmp_path):
+    folder, _ = batch
+    info = PngInfo()
+    data = record(folder / "out.png")
+    data["settings"]["n_rows"] = 0
+    info.add_text("sdlite", json.dumps(data))
+    Image.open(folder / "out.png").save(tmp_path / "zero.png", pnginfo=info)
+    result = sdlite("generate", "--from-png", "zero.png", "-o", "again.png", cwd=tmp_path)
+    assert result.returncode == 2 and "does not divide" in result.stderr
 
 
 def test_bundled_model_is_the_default_and_named_in_the_metadata(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -83,7 +84,10 @@ def test_webui_parameters_format():
 
 
 def test_webui_sampler_names_cover_ours():
-    assert set(images.WEBUI_SAMPLERS) == {"ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"}
+    # The CLI checks sampler names against these keys before it loads a model (and torch).
+    from sdlite.samplers import SAMPLERS
+
+    assert set(images.WEBUI_SAMPLERS) == set(SAMPLERS)
     assert images.WEBUI_SAMPLERS["pndm"] == "PLMS"
 
 
@@ -128,3 +132,10 @@ def test_load_image_errors(tmp_path):
         images.load_image(tmp_path / "bad.png")
     Image.new("RGBA", (4, 4), (1, 2, 3, 0)).save(tmp_path / "alpha.png")
     assert images.load_image(tmp_path / "alpha.png").mode == "RGB"
+
+
+def test_16_bit_greyscale_images_keep_their_tones(tmp_path):
+    Image.fromarray(np.linspace(0, 65535, 256).astype(np.uint16)[None].repeat(2, 0)).save(tmp_path / "grey.png")
+    assert Image.open(tmp_path / "grey.png").mode.startswith("I")
+    rgb = np.asarray(images.load_image(tmp_path / "grey.png"))
+    assert rgb.shape == (2, 256, 3) and rgb[0, :, 0].tolist() == list(range(256))

@@ -135,12 +135,25 @@ def test_image_to_image_strength_zero_returns_the_image(reference_model):
     assert max_pixel_diff(out, [image]) == 0
 
 
+def test_image_to_image_with_no_step_to_run_warns_and_returns_the_image(reference_model):
+    sd = StableDiffusion.from_pretrained(reference_model("sd1"))
+    image = source_image()
+    with pytest.warns(UserWarning, match="strength 0.1 runs no step of 4: the image comes back unchanged"):
+        out = sd.image_to_image(image, PROMPT, strength=0.1, steps=4, seed=0)
+    assert max_pixel_diff(out, [image]) == 0
+
+
 def test_image_sides_are_cut_to_multiples_of_64(reference_model):
     sd = StableDiffusion.from_pretrained(reference_model("sd1"))
     image = source_image().resize((100, 70))
-    with pytest.warns(UserWarning, match="100x70.*64x64"):
+    with pytest.warns(UserWarning, match="100x70.*64x64") as caught:
         out = sd.image_to_image(image, PROMPT, strength=0.5, steps=2, seed=0)
-    assert out[0].size == (64, 64)
+    assert out[0].size == (64, 64) and len(caught) == 1
+    # Sizes given are cut too, and the image is resized once: straight to the size a replay records.
+    with pytest.warns(UserWarning, match="72x72.*64x64"):
+        fitted = sd.fit_image(image, 72, 72)
+    assert fitted.tobytes() == sd.fit_image(image, 64, 64).tobytes()
+    assert sd.fit_image(image, height=128).size == (64, 128)  # only the side given must be a valid size
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,11 @@ def test_emphasis_rules(text, expected):
     assert [w for _, w in got] == pytest.approx([w for _, w in expected])
 
 
+def test_a_weight_that_is_not_a_number_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"prompt weight '1.2.3' in '.*' is not a number"):
+        parse_weights("a (red:1.2.3) circle")
+
+
 def test_chunks_of_75_tokens():
     tokenizer = CLIPTokenizer.from_folder(None)
     tokens = tokenizer.encode(LONG)
