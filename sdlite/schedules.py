@@ -188,7 +188,9 @@ def spaced_timesteps(
         ts = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.float64)
         return ts + steps_offset
     if spacing == "trailing":
-        return np.round(np.arange(T, 0, -T / steps)).astype(np.float64) - 1
+        # [:steps]: for 62 step counts up to 1000 (61, 103, ...) float rounding gives arange one
+        # more point, a timestep of -1; diffusers runs that extra step, sdlite does not.
+        return np.round(np.arange(T, 0, -T / steps)[:steps]).astype(np.float64) - 1
     raise ValueError(f"unknown timestep_spacing {spacing!r}; use one of {TIMESTEP_SPACINGS}")
 
 
@@ -202,7 +204,7 @@ def dpm_solver_timesteps(spacing: str, steps: int, num_train_timesteps: int, ste
         ts = (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1].astype(np.int64)
         return ts + steps_offset
     if spacing == "trailing":
-        return np.arange(T, 0, -T / steps).round().astype(np.int64) - 1
+        return np.arange(T, 0, -T / steps)[:steps].round().astype(np.int64) - 1  # [:steps]: as above
     raise ValueError(f"unknown timestep_spacing {spacing!r}; use one of {TIMESTEP_SPACINGS}")
 
 

@@ -104,6 +104,14 @@ def test_timestep_spacing_matches_diffusers(spacing, steps):
     assert np.array_equal(dpm_solver_timesteps(spacing, steps, 1000, 1), dpm.timesteps.numpy())
 
 
+def test_trailing_spacing_gives_as_many_timesteps_as_steps():
+    # diffusers gives steps + 1 (the last -1) for 62 of these counts, e.g. 61; sdlite does not.
+    for steps in range(1, 1001):
+        for spaced in (spaced_timesteps, dpm_solver_timesteps):
+            timesteps = spaced("trailing", steps, 1000, 1)
+            assert len(timesteps) == steps and timesteps.min() >= 0 and timesteps.max() == 999, steps
+
+
 def test_karras_sigmas_and_sigma_to_t_match_diffusers():
     d = dict(SD, use_karras_sigmas=True, timestep_spacing="leading")
     euler = diffusers.EulerDiscreteScheduler.from_config(d)
