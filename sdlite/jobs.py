@@ -133,7 +133,7 @@ class JobQueue:
     """A bounded FIFO of generation jobs, run by `workers` threads on one loaded model."""
 
     def __init__(self, sd, max_queue: int = 16, workers: int = 1, preview: str = "auto",
-                 preview_every: int = 2, keep_finished: int = 64):
+                 preview_every: int = 2, keep_finished: int = 32):
         if preview not in PREVIEW_METHODS:
             raise ValueError(f"preview must be one of {', '.join(PREVIEW_METHODS)}, got {preview!r}")
         self.sd = sd
@@ -256,6 +256,7 @@ class JobQueue:
                 interrupted = self._run(job)
                 state, error = ("interrupted" if interrupted else "done"), None
             except Cancelled:
+                job.results = []  # a cancelled job has no result, not even the batches it finished
                 state, error = "cancelled", None
             except Exception as e:  # a bad job must never take the worker down
                 traceback.print_exc()

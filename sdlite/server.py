@@ -29,6 +29,7 @@ import ipaddress
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import __version__
 from .images import WEBUI_SAMPLERS
@@ -143,10 +145,16 @@ class Server:
         self.options = options
         self.queue = JobQueue(sd, options.max_queue, options.workers, options.preview, options.preview_every,
                               options.keep_finished)
-        self.samplers = {}
+        self.samplers = {}  # every name a client may use -> sdlite's name
+        self.refused = {}  # sampler -> why this model's schedule refuses it (PNDM with zero terminal SNR)
         for name in sd.sampler_names:
             for alias in (name, WEBUI_SAMPLERS.get(name, name), f"k_{name}"):
                 self.samplers[alias.lower()] = name
+            try:
+                sd.num_denoising_steps(None, 1.0, name)  # the default steps
+            except ValueError as e:
+                self.refused[name] = str(e)
+        self.sampler_names = tuple(n for n in sd.sampler_names if n not in self.refused)  # the ones listed
 
     # checks, where the input enters
 
@@ -201,11 +209,13 @@ class Server:
         else:
             sampler = self.samplers.get(name.strip().lower())
             if sampler is None:
-                known = ", ".join(f"{WEBUI_SAMPLERS.get(n, n)!r} ({n})" for n in self.sd.sampler_names)
+                known = ", ".join(f"{WEBUI_SAMPLERS.get(n, n)!r} ({n})" for n in self.sampler_names)
                 raise ApiError(400, f"unknown sampler {name!r}; choose one of {known}")
+            if sampler in self.refused:
+                raise ApiError(400, f"sampler {name!r} does not work with this model: {self.refused[sampler]}")
         if scheduler is None or scheduler.strip().lower() in ("", "automatic"):
             return sampler
-        if scheduler.strip().lower() == "karras" and f"{sampler}_karras" in self.sd.sampler_names:
+        if scheduler.strip().lower() == "karras" and f"{sampler}_karras" in self.sampler_names:
             return f"{sampler}_karras"
         if scheduler.strip().lower() == "karras" and sampler.endswith("_karras"):
             return sampler
@@ -216,8 +226,8 @@ class Server:
         """An img2img source from base64 (or a data: URL): decoded, checked, fitted to the model."""
         if data.startswith("data:"):
             data = data.partition(",")[2]
-        try:
-            raw = base64.b64decode(data, validate=True)
+        try:  # without whitespace: MIME base64 (the `base64` command, Java) breaks lines every 76 characters
+            raw = base64.b64decode("".join(data.split()), validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(400, "init_images[0] is not valid base64") from None
         o = self.options
@@ -386,10 +396,10 @@ def create_app(sd, options: ServerOptions | None = None) -> FastAPI:
             raise ApiError(400, "stream is not supported")
         width = height = None
         if body.size not in (None, "auto"):
-            w, sep, h = body.size.partition("x")
-            if not (sep and w.isdigit() and h.isdigit()):
+            match = re.fullmatch(r"(\d+)x(\d+)", body.size, re.ASCII)  # ASCII: int() refuses '²'
+            if match is None:
                 raise ApiError(400, f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {body.size!r}")
-            width, height = int(w), int(h)
+            width, height = int(match[1]), int(match[2])
         n = 1 if body.n is None else body.n
         webui = Txt2ImgRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                                seed=-1 if body.seed is None else body.seed, width=width, height=height, batch_size=n)
@@ -451,7 +461,8 @@ def create_app(sd, options: ServerOptions | None = None) -> FastAPI:
 
     @app.get("/sdapi/v1/samplers", tags=["web UI"])
     async def samplers():
-        return [{"name": WEBUI_SAMPLERS.get(n, n), "aliases": [n, f"k_{n}"], "options": {}} for n in sd.sampler_names]
+        return [{"name": WEBUI_SAMPLERS.get(n, n), "aliases": [n, f"k_{n}"], "options": {}}
+                for n in server.sampler_names]
 
     @app.get("/sdapi/v1/options", tags=["web UI"])
     async def webui_options():
@@ -461,8 +472,8 @@ def create_app(sd, options: ServerOptions | None = None) -> FastAPI:
 
     @app.get("/sdlite/v1/info", tags=["sdlite"])
     async def info():
-        return {"version": __version__, "model": sd.name, "samplers": list(sd.sampler_names),
-                "webui_samplers": {n: WEBUI_SAMPLERS.get(n, n) for n in sd.sampler_names},
+        return {"version": __version__, "model": sd.name, "samplers": list(server.sampler_names),
+                "webui_samplers": {n: WEBUI_SAMPLERS.get(n, n) for n in server.sampler_names},
                 "preview": server.queue.preview,
                 "defaults": {"steps": sd.default_steps, "cfg": sd.default_cfg, "sampler": sd.default_sampler,
                              "width": sd.default_size[1], "height": sd.default_size[0]},
@@ -495,9 +506,10 @@ def create_app(sd, options: ServerOptions | None = None) -> FastAPI:
     @app.get("/sdlite/v1/jobs/{job_id}/images/{index}.png", tags=["sdlite"], response_class=Response)
     async def job_image(job_id: str, index: int):
         job = server.find(job_id)
-        if not 0 <= index < len(job.results):
-            raise ApiError(404, f"job {job_id} has {len(job.results)} images (state {job.state})")
-        return Response(job.results[index].png, media_type="image/png")
+        results = job.results  # one list: a cancel may replace it meanwhile
+        if not 0 <= index < len(results):
+            raise ApiError(404, f"job {job_id} has {len(results)} images (state {job.state})")
+        return Response(results[index].png, media_type="image/png")
 
     app.add_middleware(Guard, api_key=options.api_key, max_body=options.max_body)
     if options.cors_origins:
@@ -524,5 +536,8 @@ def serve(sd, host: str = "127.0.0.1", port: int = 7860, options: ServerOptions 
         print(f"sdlite: warning: serving on {host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     app = create_app(sd, options)
+    if is_loopback(host):  # against DNS rebinding: a web page whose name now points here gets 400
+        names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted(names))
     print(f"sdlite: serving {sd.name} at http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -85,8 +85,9 @@ def test_openai_client(url, sd):
     assert status == 200 and headers["Content-Type"] == "image/png"
     assert Image.open(io.BytesIO(png)).size == sd.default_size
 
-    with pytest.raises(openai.BadRequestError, match="size must be"):
-        client.images.generate(prompt="x", size="large")
+    for size in ("large", "²x²"):  # '²' is a digit to str.isdigit, not to int()
+        with pytest.raises(openai.BadRequestError, match="size must be"):
+            client.images.generate(prompt="x", size=size)
     with pytest.raises(openai.BadRequestError, match="multiple of 8"):
         client.images.generate(prompt="x", size="60x64")
     with pytest.raises(openai.BadRequestError, match="at most 8 images"):
@@ -144,6 +145,32 @@ def test_a_failing_job_does_not_stop_the_worker(sd, monkeypatch):
     assert second.state == "done" and len(second.results) == 1
 
 
+def test_a_cancelled_job_keeps_no_finished_batch(sd, monkeypatch):
+    from sdlite.jobs import FINISHED, Generation, JobQueue
+
+    queue = JobQueue(sd, preview="none")  # no preview: decode runs once per batch
+    real_decode = sd.decode
+
+    def decode(latents, *args):  # cancel as the first batch ends
+        for job in queue.jobs():
+            queue.cancel(job)
+        return real_decode(latents, *args)
+
+    monkeypatch.setattr(sd, "decode", decode)
+    job = queue.submit(Generation("a cat", "", steps=2, cfg=7.5, sampler="ddim", seed=0, width=64, height=64, n_iter=3))
+    wait_for(lambda: job.state in FINISHED)
+    queue.close()
+    assert job.state == "cancelled" and job.results == []
+
+
+def test_default_keep_finished_is_the_same_everywhere():
+    import inspect
+
+    from sdlite.jobs import JobQueue
+
+    assert inspect.signature(JobQueue).parameters["keep_finished"].default == ServerOptions().keep_finished
+
+
 # -- the web UI's API -----------------------------------------------------------------------------
 
 
@@ -181,7 +208,9 @@ def test_txt2img_webui_names_metadata_and_cli_replay(url, model_path, tmp_path):
 def test_img2img(url):
     source = Image.new("RGB", (64, 64), (200, 30, 30))
     encoded = b64_png(source)
-    for init in (encoded, f"data:image/png;base64,{encoded}"):
+    mime = base64.encodebytes(base64.b64decode(encoded)).decode()  # lines of 76 characters, as `base64` writes
+    assert "\n" in mime.strip()
+    for init in (encoded, f"data:image/png;base64,{encoded}", mime):
         status, _, answer = call(f"{url}/sdapi/v1/img2img", {"prompt": "a cat", "init_images": [init], "steps": 4,
                                                               "denoising_strength": 0.5, "seed": 1})
         assert status == 200, answer
@@ -206,6 +235,20 @@ def test_models_samplers_openapi_docs(url, sd):
     assert status == 200 and b'id="generate"' in page
     assert "access-control-allow-origin" not in {k.lower() for k in call(f"{url}/sdapi/v1/samplers",
                                                                              headers={"Origin": "http://x.test"})[1]}
+
+
+def test_samplers_the_model_refuses_are_not_offered():
+    from sdlite.pipeline import BUNDLED_MODEL
+
+    sd = StableDiffusion.from_pretrained(BUNDLED_MODEL)  # zero terminal SNR: PNDM cannot run it
+    with running(create_app(sd, ServerOptions(preview="none"))) as base:
+        assert "PLMS" not in {s["name"] for s in call(f"{base}/sdapi/v1/samplers")[2]}
+        info = call(f"{base}/sdlite/v1/info")[2]
+        assert "pndm" not in info["samplers"] and "pndm" not in info["webui_samplers"]
+        assert {"ddim", "euler_a", "dpmpp_2m_karras"} <= set(info["samplers"])
+        status, _, answer = call(f"{base}/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, "sampler_name": "PLMS"})
+        message = answer["error"]["message"]
+        assert status == 400 and message.startswith("sampler 'PLMS' does not work with this model: PNDMScheduler")
 
 
 def test_progress_and_interrupt_while_a_job_runs(url):
@@ -378,6 +421,9 @@ def test_serve_command(model_path, tmp_path):
         assert call(f"{base}/sdlite/v1/info", headers=auth)[2]["limits"]["max_steps"] == 10
         assert call(f"{base}/sdapi/v1/txt2img", {"prompt": "x", "steps": 11}, headers=auth)[0] == 400
         assert call(f"{base}/sdapi/v1/txt2img", {"prompt": "x", "steps": 2}, headers=auth)[0] == 200
+        # Bound to loopback, only loopback names may be in the Host header (against DNS rebinding).
+        assert call(f"{base}/sdlite/v1/info", headers={**auth, "Host": f"localhost:{port}"})[0] == 200
+        assert call(f"{base}/sdlite/v1/info", headers={**auth, "Host": f"evil.example:{port}"})[0] == 400
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(20)
