@@ -22,6 +22,14 @@ def _per_block(value, n: int, field: str) -> tuple:
     return (value,) * n
 
 
+def _lists(d: dict, *fields: str) -> list[tuple]:
+    """Fields a config must have, each a list (one entry per block), as tuples."""
+    for field in fields:
+        if not isinstance(d.get(field), (list, tuple)):
+            raise ValueError(f"the config needs {field}, a list per block; got {d.get(field)!r}")
+    return [tuple(d[field]) for field in fields]
+
+
 def _require(d: dict, field: str, allowed: tuple) -> None:
     """Raise unless d[field] (absent counts as None) is one of `allowed`."""
     value = d.get(field)
@@ -57,7 +65,7 @@ class CLIPConfig:
         names = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
                  "max_position_embeddings", "hidden_act", "layer_norm_eps", "projection_dim", "eos_token_id")
         config = cls(**{k: d[k] for k in names if d.get(k) is not None}, with_projection=with_projection)
-        if config.hidden_size % config.num_attention_heads:
+        if config.num_attention_heads < 1 or config.hidden_size % config.num_attention_heads:
             raise ValueError(f"hidden_size={config.hidden_size} is not divisible by "
                              f"num_attention_heads={config.num_attention_heads}")
         return config
@@ -103,8 +111,8 @@ class UNetConfig:
     @classmethod
     def from_json(cls, d: dict) -> "UNetConfig":
         """From a diffusers UNet2DConditionModel config.json dict."""
-        down, up = tuple(d["down_block_types"]), tuple(d["up_block_types"])
-        n = len(d["block_out_channels"])
+        down, up, channels = _lists(d, "down_block_types", "up_block_types", "block_out_channels")
+        n = len(channels)
         for field, types, allowed in (("down_block_types", down, DOWN_BLOCKS), ("up_block_types", up, UP_BLOCKS)):
             if len(types) != n:
                 raise ValueError(f"{field} has {len(types)} entries but block_out_channels has {n}")
@@ -131,7 +139,7 @@ class UNetConfig:
         # diffusers quirk: in SD configs `attention_head_dim` is really the number of heads.
         heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
         config = cls(
-            block_out_channels=tuple(d["block_out_channels"]),
+            block_out_channels=channels,
             down_block_types=down,
             up_block_types=up,
             layers_per_block=_per_block(d.get("layers_per_block", 2), n, "layers_per_block"),
@@ -146,6 +154,8 @@ class UNetConfig:
                                  "projection_class_embeddings_input_dim") if k in d},
         )
         for c, h in zip(config.block_out_channels, config.num_attention_heads):
+            if not isinstance(h, int) or h < 1:
+                raise ValueError(f"attention heads must be positive integers, got {h!r} (attention_head_dim)")
             if c % h:
                 raise ValueError(f"block channels {c} not divisible by attention heads {h} (attention_head_dim)")
         if config.addition_embed_type == "text_time" and None in (
@@ -193,7 +203,8 @@ class VAEConfig:
             for t in d.get(field, ()):
                 if t != ok:
                     raise _unsupported(field, t, repr(ok))
-        n = len(d["block_out_channels"])
+        (channels,) = _lists(d, "block_out_channels")
+        n = len(channels)
         for field in ("down_block_types", "up_block_types"):
             if field in d and len(d[field]) != n:
                 raise ValueError(f"{field} has {len(d[field])} entries but block_out_channels has {n}")
@@ -206,7 +217,7 @@ class VAEConfig:
         names = ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "act_fn",
                  "sample_size", "scaling_factor", "shift_factor", "force_upcast", "use_quant_conv",
                  "use_post_quant_conv", "mid_block_add_attention")
-        return cls(block_out_channels=tuple(d["block_out_channels"]), **{k: d[k] for k in names if k in d})
+        return cls(block_out_channels=channels, **{k: d[k] for k in names if k in d})
 
     @property
     def downscale_factor(self) -> int:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .loading import cache_folder
+
 SOURCE = r"""
 #include <stdint.h>
 
@@ -54,10 +56,6 @@ FLAGS = (["-O3", "-shared", "-fPIC", "-fopenmp"], ["-O3", "-shared", "-fPIC"])
 WORD_BYTES = (2, 4, 8)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdlite" / "kernels"
-
-
 def library():
     """The compiled kernels (a ctypes library), built once per machine and source; None where no
     C compiler works."""
@@ -69,27 +67,19 @@ def library():
 
 
 def build():
-    """`SOURCE` compiled with the first `FLAGS` that work into the cache (unless it is there) and
-    loaded; None where no compiler is found, or, with a warning, where compiling or loading fails."""
+    """The library cached for this source and compiler, loaded, or else `SOURCE` compiled into the
+    cache; None where no compiler is found, or, with a warning, where compiling or loading fails."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
     key = hashlib.sha256(f"{SOURCE}{FLAGS}{compiler}{platform.machine()}{sys.platform}".encode()).hexdigest()[:16]
     try:
-        path = cache_dir() / f"kernels-{key}.so"  # RuntimeError where no home directory is known
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as work:
-                source, built = Path(work) / "kernels.c", Path(work) / path.name
-                source.write_text(SOURCE)
-                for flags in FLAGS:
-                    done = subprocess.run([compiler, *flags, "-o", str(built), str(source)],
-                                          capture_output=True, text=True, timeout=120)
-                    if done.returncode == 0:
-                        break
-                done.check_returncode()
-                os.replace(built, path)  # atomic: another process may be building the same file
-        lib = ctypes.CDLL(str(path))
+        path = cache_folder("kernels") / f"kernels-{key}.so"  # RuntimeError where no home directory is known
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # not built yet, or a library that does not load (older sdlite versions cached those)
+            path.unlink(missing_ok=True)
+            lib = compile_and_load(compiler, path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(f"sdlite's C kernels could not be built with {compiler} ({detail}); "
@@ -98,6 +88,28 @@ def build():
     for size in WORD_BYTES:
         getattr(lib, f"look_up_{size}").argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
+def compile_and_load(compiler: str, path: Path):
+    """`SOURCE` compiled with the first `FLAGS` that give a library that loads, which is then
+    cached at `path`: one that only compiles (-fopenmp where no OpenMP runtime loads) is not kept."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as work:
+        source, built = Path(work) / "kernels.c", Path(work) / path.name
+        source.write_text(SOURCE)
+        for flags in FLAGS:
+            done = subprocess.run([compiler, *flags, "-o", str(built), str(source)],
+                                  capture_output=True, text=True, timeout=120)
+            try:
+                done.check_returncode()
+                lib = ctypes.CDLL(str(built))
+                break
+            except (OSError, subprocess.CalledProcessError) as error:
+                failure = error
+        else:
+            raise failure
+        os.replace(built, path)  # atomic: another process may be building the same file
     return lib
 
 

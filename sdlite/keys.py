@@ -233,6 +233,11 @@ def hf_clip_to_original(state: dict) -> dict:
     return dict(state)
 
 
+# SD 2.x uses 23 of OpenCLIP-H's 24 layers. Its published files carry all 24; diffusers' own
+# converter (`convert_openclip_text_enc_state_dict`) writes only the 23, and diffusers'
+# from_single_file skips `resblocks.23` alone. So a file's last layer is dropped only when the
+# file has all 24.
+SD2_TEXT_LAYERS = 23
 IN_PROJ = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
 QKV_PROJ = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
 
@@ -282,8 +287,8 @@ def openclip_to_original(state: dict, num_layers: int) -> dict:
 
 def identity_openclip_layer(index: int, width: int, mlp_width: int, dtype: torch.dtype) -> dict:
     """An all-zero OpenCLIP residual block: both branches add zero, so it passes its input through.
-    Written as SD 2.x's unused 24th layer, so files sdlite writes have the layer count other tools
-    expect, and reading them back drops it again."""
+    Written as SD 2.x's unused 24th layer after a model's 23, so files sdlite writes have the layer
+    count other tools expect, and reading them back drops it again."""
     zeros = {
         "ln_1.weight": (width,), "ln_1.bias": (width,), "ln_2.weight": (width,), "ln_2.bias": (width,),
         "attn.in_proj_weight": (3 * width, width), "attn.in_proj_bias": (3 * width,),
@@ -327,7 +332,7 @@ def original_to_diffusers(state: dict, family: str, configs: dict) -> dict[str, 
 
 def diffusers_to_original(components: dict[str, dict], family: str, configs: dict) -> dict:
     """{component: diffusers-named tensors} -> one single-file state dict; inverse of
-    `original_to_diffusers`. SD 2.x's text encoder gets an identity 24th layer (see
+    `original_to_diffusers`. SD 2.x's 23-layer text encoder gets an identity 24th layer (see
     `identity_openclip_layer`)."""
     out = {}
     for component, prefix in ORIGINAL_PREFIXES[family].items():
@@ -338,7 +343,7 @@ def diffusers_to_original(components: dict[str, dict], family: str, configs: dic
             mapped = vae_to_original(state, config)
         elif prefix in OPENCLIP_PREFIXES:
             mapped = openclip_to_original(canonical_state(state, "CLIPTextModel"), config.num_hidden_layers)
-            if family == "sd2":
+            if family == "sd2" and config.num_hidden_layers == SD2_TEXT_LAYERS:
                 dtype = state[next(iter(state))].dtype
                 mapped |= identity_openclip_layer(config.num_hidden_layers, config.hidden_size,
                                                   config.intermediate_size, dtype)

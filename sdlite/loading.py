@@ -26,6 +26,9 @@ SAFETENSORS_DTYPES = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
@@ -37,6 +40,15 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 class CheckpointError(ValueError):
     """A weight file that cannot be read or does not fit the network's configuration."""
+
+
+def cache_folder(name: str) -> Path:
+    """sdlite's cache folder `name` (for compiled kernels, converted models): under
+    $XDG_CACHE_HOME, else ~/.cache. An empty or relative $XDG_CACHE_HOME counts as unset, as the
+    XDG Base Directory spec says (a relative one would put the cache in the working directory).
+    RuntimeError where no home directory is known."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "sdlite" / name
 
 
 def read_json(path: Path) -> dict:
@@ -68,17 +80,23 @@ def read_safetensors(path: Path, cast_to: torch.dtype | None = None) -> dict[str
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} is not a safetensors file (its header is not a json object)")
         data_start = 8 + header_len
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > data_start else b""
         header.pop("__metadata__", None)
         tensors = {}
         for name, entry in header.items():
             try:
-                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-                shape = [int(n) for n in entry["shape"]]
+                kind, shape = entry["dtype"], [int(n) for n in entry["shape"]]
                 begin, end = (data_start + int(o) for o in entry["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: malformed header entry for {name!r}") from None
+            if kind not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {kind!r}, which sdlite does not read")
+            if any(n < 0 for n in shape):
+                raise CheckpointError(f"{path}: tensor {name!r} has a negative size in its shape {shape}")
+            dtype = SAFETENSORS_DTYPES[kind]
             numel = math.prod(shape)
             itemsize = torch.empty((), dtype=dtype).element_size()
             if end > size or end - begin != numel * itemsize or begin < data_start:
@@ -113,8 +131,10 @@ def find_weight_files(folder: Path, prefer_fp16: bool = False, allow_pickle: boo
     """The weight files of one component folder: a single file, an fp16 variant or shards.
 
     Picks `<stem>.safetensors`, else `<stem>.fp16.safetensors` (first when `prefer_fp16`), else the
-    shards listed in `<stem>[.fp16].safetensors.index.json`. Pickle files are used only with
-    `allow_pickle`, since loading them can run arbitrary code.
+    shards listed in `<stem>.safetensors.index.json`, or for fp16 in
+    `<stem>.safetensors.index.fp16.json` (diffusers' and transformers' name) or
+    `<stem>.fp16.safetensors.index.json`. Pickle files are used only with `allow_pickle`, since
+    loading them can run arbitrary code.
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"missing model component folder: {folder}")
@@ -126,12 +146,10 @@ def find_weight_files(folder: Path, prefer_fp16: bool = False, allow_pickle: boo
                 single = folder / f"{stem}.{variant}{suffix}"
                 if single.is_file():
                     return [single]
-                index = folder / f"{stem}.{variant}{suffix}.index.json"
-                if index.is_file():
-                    shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-                    if not shards:
-                        raise CheckpointError(f"{index} lists no weight files")
-                    return [folder / name for name in shards]
+                for index in (folder / f"{stem}.{suffix}.index.{variant}json",
+                              folder / f"{stem}.{variant}{suffix}.index.json"):
+                    if index.is_file():
+                        return [folder / name for name in read_index(index)]
     pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise CheckpointError(
@@ -139,6 +157,18 @@ def find_weight_files(folder: Path, prefer_fp16: bool = False, allow_pickle: boo
             "code when loaded, so sdlite reads them only with allow_pickle=True (--allow-pickle)"
         )
     raise FileNotFoundError(f"no weight file (*.safetensors) in {folder}")
+
+
+def read_index(index: Path) -> list[str]:
+    """The shard file names an index json lists in its "weight_map" (tensor name -> file name)."""
+    weight_map = read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f'{index} is not a shard index: expected a json object whose "weight_map" maps '
+                              "tensor names to file names")
+    if not weight_map:
+        raise CheckpointError(f"{index} lists no weight files")
+    return sorted(set(weight_map.values()))
 
 
 def read_weights(path: Path, cast_to: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -152,7 +182,11 @@ def read_weights(path: Path, cast_to: torch.dtype | None = None) -> dict[str, to
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a bad pickle
         raise CheckpointError(f"cannot read {path}: {e}") from None
-    return state.get("state_dict", state)
+    if isinstance(state, dict):
+        state = state.get("state_dict", state)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no state dict (a {type(state).__name__})")
+    return state
 
 
 def load_network(

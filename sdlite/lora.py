@@ -13,7 +13,9 @@ Two file formats are read:
 
 Linear and conv layers are supported (conv: the up and down kernels are multiplied as matrices and
 reshaped to the layer's kernel). The pipeline keeps each layer's weight tensor from before the
-first merge, so `unload_loras` restores the base weights bit for bit.
+first merge, so `unload_loras` restores the base weights bit for bit. Weights kept at rest in
+fp16 / bf16 (`memory.keep_at_rest`) are merged in that dtype; palettized weights rebuilt per
+call ("jit") cannot take a merge.
 """
 
 import re
@@ -138,27 +140,50 @@ def merge_lora(pipeline, path: str | Path, weight: float = 1.0, allow_pickle: bo
         if module is None:
             raise CheckpointError(f"{path}: LoRA layer {layer.name!r} does not fit this model: {layer.network} has "
                                   f"no linear or conv layer {local!r}")
-        parameter = network.get_submodule(module).weight
+        current = weight_tensor(network.get_submodule(module))
+        if current is None:
+            raise CheckpointError(f"{path}: cannot merge LoRA layer {layer.name!r} into {layer.network}.{module}, "
+                                  "whose palettized weight is rebuilt at each call; load the model with "
+                                  "palettized_mode=\"fast\" (--palettized-mode fast)")
         try:
-            delta = layer.delta(parameter.shape)
+            delta = layer.delta(current.shape)
         except ValueError as e:
             raise CheckpointError(f"{path}: LoRA layer {layer.name!r} does not fit this model: {e} for "
-                                  f"{layer.network}.{module}.weight of shape {tuple(parameter.shape)}") from None
-        updates.append((layer.network, module, parameter, delta))
+                                  f"{layer.network}.{module}.weight of shape {tuple(current.shape)}") from None
+        updates.append((layer.network, module, delta))
     with torch.no_grad():
-        for network, module, parameter, delta in updates:
-            pipeline._lora_base.setdefault((network, module), parameter.data)
+        for network, module, delta in updates:
+            target = getattr(pipeline, network).get_submodule(module)
+            current = weight_tensor(target)
+            pipeline._lora_base.setdefault((network, module), current)
             # A new tensor: the one kept in _lora_base is never written to.
-            parameter.data = (parameter.data.float() + weight * delta.to(parameter.device)).to(parameter.dtype)
+            set_weight_tensor(target, (current.float() + weight * delta.to(current.device)).to(current.dtype))
     forget_cuda_graphs(pipeline)
     return len(updates)
+
+
+def weight_tensor(module: nn.Module) -> torch.Tensor | None:
+    """The tensor `module` keeps its weight in: its parameter's data, or the tensor it keeps at rest
+    (fp16 / bf16 at rest, `memory.keep_at_rest`); None for a palettized weight kept packed."""
+    if isinstance(module.weight, nn.Parameter):
+        return module.weight.data
+    stored = module.weights_at_rest.stored_value("weight")
+    return stored if isinstance(stored, torch.Tensor) else None
+
+
+def set_weight_tensor(module: nn.Module, tensor: torch.Tensor) -> None:
+    """Make `tensor` the one `module` keeps its weight in (see `weight_tensor`)."""
+    if isinstance(module.weight, nn.Parameter):
+        module.weight.data = tensor
+    else:
+        module.weights_at_rest.replace("weight", tensor)
 
 
 def unload_loras(pipeline) -> None:
     """Put back every weight as it was before the first LoRA was merged (the same tensors)."""
     with torch.no_grad():
         for (network, module), base in pipeline._lora_base.items():
-            getattr(pipeline, network).get_submodule(module).weight.data = base
+            set_weight_tensor(getattr(pipeline, network).get_submodule(module), base)
     pipeline._lora_base.clear()
     forget_cuda_graphs(pipeline)
 

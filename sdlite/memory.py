@@ -61,6 +61,14 @@ class WeightsAtRest:
             setattr(module.get_submodule(path), name, weight)
             start += n
 
+    def stored_value(self, name: str):
+        """The hooked module's own stored `name` (a tensor or PalettizedTensor), or None."""
+        return next((v for path, n, v, _ in self.stored if (path, n) == ("", name)), None)
+
+    def replace(self, name: str, value: torch.Tensor) -> None:
+        """Store `value` (same shape and dtype) as the hooked module's own `name`: a LoRA merge."""
+        self.stored = [(p, n, value if (p, n) == ("", name) else v, r) for p, n, v, r in self.stored]
+
     def after(self, module: nn.Module, args, output) -> None:
         for path, name, _, _ in self.stored:
             setattr(module.get_submodule(path), name, None)
@@ -164,6 +172,7 @@ def keep_at_rest(network: nn.Module, compute_dtype: torch.dtype, packed: dict | 
             hooks.scratch = scratch
         modules[host].register_forward_pre_hook(hooks.before)
         modules[host].register_forward_hook(hooks.after, always_call=True)
+        modules[host].weights_at_rest = hooks  # for merging LoRAs into the stored weights (sdlite.lora)
     network.compute_dtype, network.compute_device = compute_dtype, device
     network.stored_tensors = [v if isinstance(v, torch.Tensor) else v.indices
                               for hooks in hosts.values() for _, _, v, _ in hooks.stored]  # for release_weights

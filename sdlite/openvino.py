@@ -15,15 +15,12 @@ weights; the torch UNet is released.
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdlite" / "openvino"
+from .loading import cache_folder
 
 
 def weights_fingerprint(network: nn.Module) -> str:
@@ -57,7 +54,7 @@ class OpenVINOUNet(nn.Module):
         # One empty parameter so the pipeline reads the dtype (fp32) and device (cpu) as usual.
         self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
         self.core = ov.Core()
-        cache = default_cache_dir() if cache_dir is None else Path(cache_dir)
+        cache = cache_folder("openvino") if cache_dir is None else Path(cache_dir)
         key = hashlib.sha256(json.dumps({
             "weights": weights_fingerprint(unet), "config": repr(unet.config), "latent": self.latent_size,
             "context": context_length,

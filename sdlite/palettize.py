@@ -26,6 +26,7 @@ Decoding is one table look-up per code: a C loop where a C compiler is available
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -442,6 +443,7 @@ def compress(source: str | Path, out: str | Path, bits: int | None = None, mixed
     per-layer recipe from `mixed_bit_recipe` instead (the other components stay at `bits`, default 8).
     Returns a summary: bytes on disk, average bits, and the recipe's measured PSNR. `unet_cache`
     (a dict) keeps the UNet's palettized tensors for later calls, e.g. 8, 6, 4 bits then mixed.
+    The copy is written next to `out` and renamed to it when complete, so a failure leaves nothing.
     """
     source, out = Path(source), Path(out)
     log = log or (lambda *args: None)
@@ -453,6 +455,8 @@ def compress(source: str | Path, out: str | Path, bits: int | None = None, mixed
         raise ValueError("give bits (one of 1, 2, 4, 6, 8) or a mixed-bit target PSNR")
     if bits is not None and bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+    if any((source / component / RECIPE_NAME).is_file() for component in COMPONENTS):
+        raise ValueError(f"{source} is already palettized; compress the original model")
     bits = 8 if bits is None else bits
     summary = {"source": str(source), "bits": bits, "mixed_bit_target_db": mixed_bit}
     unet_bits: int | dict = bits
@@ -464,30 +468,37 @@ def compress(source: str | Path, out: str | Path, bits: int | None = None, mixed
                                              log=log, cache=unet_cache, **mixed_options)
         summary.update(report)
         del sd
-    out.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():  # configs, tokenizer, scheduler: copied as they are
-        if item.is_file():
-            shutil.copy(item, out / item.name)
-        elif item.name not in COMPONENTS:
-            shutil.copytree(item, out / item.name)
-    for component in COMPONENTS:
-        if not (source / component).is_dir():
-            continue
-        start = time.perf_counter()
-        (out / component).mkdir()
-        for item in (source / component).glob("*.json"):
-            if not item.name.endswith(".index.json"):
-                shutil.copy(item, out / component / item.name)
-        weights = component_weights(source, component)
-        dense, packed = compress_component(weights, unet_bits if component == "unet" else bits, group_size,
-                                           min_elements, unet_cache if component == "unet" else None)
-        extra = {"psnr_db": summary.get("psnr_db")} if component == "unet" and mixed_bit is not None else {}
-        save_palettized(out / component, dense, packed, group_size, extra)
-        summary[component] = {"average_bits": average_bits(dense, packed), "palettized": len(packed),
-                              "fp16": len(dense)}
-        log(f"{component}: {len(packed)} tensors palettized (average {average_bits(dense, packed):.2f} bits), "
-            f"{len(dense)} kept fp16, {time.perf_counter() - start:.1f} s")
-    summary["bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.incomplete-{os.getpid()}"
+    work.mkdir()
+    try:
+        for item in source.iterdir():  # configs, tokenizer, scheduler: copied as they are
+            if item.is_file():
+                shutil.copy(item, work / item.name)
+            elif item.name not in COMPONENTS:
+                shutil.copytree(item, work / item.name)
+        for component in COMPONENTS:
+            if not (source / component).is_dir():
+                continue
+            start = time.perf_counter()
+            (work / component).mkdir()
+            for item in (source / component).glob("*.json"):
+                if not item.name.endswith(".index.json"):
+                    shutil.copy(item, work / component / item.name)
+            weights = component_weights(source, component)
+            dense, packed = compress_component(weights, unet_bits if component == "unet" else bits, group_size,
+                                               min_elements, unet_cache if component == "unet" else None)
+            extra = {"psnr_db": summary.get("psnr_db")} if component == "unet" and mixed_bit is not None else {}
+            save_palettized(work / component, dense, packed, group_size, extra)
+            summary[component] = {"average_bits": average_bits(dense, packed), "palettized": len(packed),
+                                  "fp16": len(dense)}
+            log(f"{component}: {len(packed)} tensors palettized (average {average_bits(dense, packed):.2f} bits), "
+                f"{len(dense)} kept fp16, {time.perf_counter() - start:.1f} s")
+        summary["bytes"] = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
+        os.replace(work, out)  # (an empty `out` is replaced too)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return summary
 
 

@@ -512,7 +512,7 @@ def open_checkpoint(path: Path, device, allow_pickle: bool, prediction_type: str
 
 def load_tokenizer(folder: Path, text_config: CLIPConfig) -> CLIPTokenizer:
     """The tokenizer in `folder`, checked against the embedding table of the encoder it feeds."""
-    tokenizer = CLIPTokenizer.from_folder(folder)
+    tokenizer = CLIPTokenizer.from_folder(folder, text_config.max_position_embeddings)
     largest = max(tokenizer.vocab.values())
     if largest >= text_config.vocab_size:
         raise CheckpointError(

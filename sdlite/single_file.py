@@ -10,8 +10,8 @@ follows the family's rule:
 
 - attention heads: SD 1.x has 8 heads in every UNet block; SD 2.x and SDXL have 64-wide heads
   (channels // 64); every CLIP text encoder has 64-wide heads (hidden_size // 64);
-- SD 2.x's text encoder is OpenCLIP-H without its last layer (23 of 24): the file's last resblock
-  is dropped;
+- SD 2.x's text encoder is OpenCLIP-H without its last layer (23 of 24): a file's 24th resblock
+  is dropped (files with 23 keep them all; see `keys.SD2_TEXT_LAYERS`);
 - prediction type: epsilon, unless the caller says otherwise or the file carries a `v_pred` marker
   key (a `ztsnr` key also turns on the zero-terminal-SNR schedule with trailing timesteps). SD 2.x
   with v-prediction uses the 768-v reference config (768 px), else the 512 px base config.
@@ -74,10 +74,7 @@ def read_checkpoint(path: Path, allow_pickle: bool = False) -> dict[str, torch.T
         )
     if path.suffix not in PICKLE_SUFFIXES + (".safetensors",):
         raise CheckpointError(f"{path}: unknown checkpoint file type {path.suffix!r} (.safetensors or .ckpt)")
-    state = read_weights(path)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds no state dict")
-    return state
+    return read_weights(path)
 
 
 def detect_family(state: dict, source: str) -> str:
@@ -112,8 +109,14 @@ def detect_family(state: dict, source: str) -> str:
             f"{source}: unknown architecture: {FAMILY_NAMES[family]} text encoder keys, but the UNet "
             f"(cross-attention width {context}, {'linear' if linear else 'conv'} projections) does not fit "
             f"a text encoder of width {width}")
-    in_ch = state[unet + "input_blocks.0.0.weight"].shape[1]
-    out_ch = state[unet + "out.2.weight"].shape[0]
+    if family != "sdxl" and any(k.startswith(unet + "label_emb.") for k in state):
+        raise CheckpointError(f"{source}: unknown architecture: an {FAMILY_NAMES[family]} UNet with a class "
+                              "embedding (label_emb: unCLIP and other image-conditioned models are not supported)")
+    first, last = state.get(unet + "input_blocks.0.0.weight"), state.get(unet + "out.2.weight")
+    if first is None or last is None:
+        raise CheckpointError(f"{source}: not a complete {FAMILY_NAMES[family]} checkpoint: the UNet has no "
+                              "input_blocks.0.0.weight or out.2.weight")
+    in_ch, out_ch = first.shape[1], last.shape[0]
     if in_ch != out_ch:
         raise CheckpointError(f"{source}: unknown architecture: a UNet with {in_ch} input and {out_ch} output "
                               "channels (inpainting and other conditioned models are not supported)")
@@ -188,8 +191,9 @@ def vae_config(v: dict, base: dict) -> dict:
     )
 
 
-def clip_config(t: dict, base: dict, openclip: bool, drop_last: bool, source: str) -> dict:
-    """A transformers CLIPTextConfig for HF-layout or OpenCLIP text tensors `t` (prefix removed)."""
+def clip_config(t: dict, base: dict, openclip: bool, sd2: bool, source: str) -> dict:
+    """A transformers CLIPTextConfig for HF-layout or OpenCLIP text tensors `t` (prefix removed);
+    `sd2`: SD 2.x's text encoder, without the projection and the 24th layer if present."""
     if openclip:
         embedding, positions = t["token_embedding.weight"], t["positional_embedding"]
         layers = len(_indices(t, r"transformer\.resblocks\.(\d+)\."))
@@ -207,8 +211,8 @@ def clip_config(t: dict, base: dict, openclip: bool, drop_last: bool, source: st
         raise CheckpointError(f"{source}: text encoder width {width} is not a multiple of its 64-wide heads")
     config = dict(base, vocab_size=vocab, hidden_size=width, max_position_embeddings=positions.shape[0],
                   intermediate_size=fc1.shape[0], num_attention_heads=width // 64,
-                  num_hidden_layers=layers - 1 if drop_last else layers)
-    if projection is not None and not drop_last:
+                  num_hidden_layers=layers - 1 if sd2 and layers == keys.SD2_TEXT_LAYERS + 1 else layers)
+    if projection is not None and not sd2:
         config["projection_dim"] = projection
     return config
 
@@ -232,7 +236,7 @@ def describe(state: dict, family: str, prediction_type: str | None, source: str)
     parts = keys.split_original(state, family)
     try:
         configs = {"text_encoder": clip_config(parts["text_encoder"], base["text_encoder"],
-                                               openclip=family == "sd2", drop_last=family == "sd2", source=source)}
+                                               openclip=family == "sd2", sd2=family == "sd2", source=source)}
         pooled = None
         if family == "sdxl":
             base2 = read_json(CONFIGS / reference / "text_encoder_2" / "config.json")
@@ -292,6 +296,8 @@ def save_single_file(folder: str | Path, out: str | Path, allow_pickle: bool = F
     folder, out = Path(folder), Path(out)
     family = folder_family(folder)
     components = list(keys.ORIGINAL_PREFIXES[family])
+    if any((folder / c / "palettization.json").is_file() for c in components):
+        raise CheckpointError(f"{folder} is palettized (sdlite compress); convert the original model")
     configs = {c: read_json(folder / c / "config.json") for c in components}
     weights = {}
     for c in components:

@@ -35,6 +35,9 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
 PACKAGED_VOCAB = Path(__file__).parent / "data" / "clip"
+# transformers writes `model_max_length` int(1e30) for a tokenizer that sets no length; no CLIP
+# has a million positions, so larger values are read as no length.
+PLACEHOLDER_LENGTH = 10**6
 
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 # The literal names CLIP's split regex keeps whole (hard-coded there, whatever the bos/eos tokens).
@@ -178,11 +181,15 @@ class CLIPTokenizer:
         self._word_ids = functools.lru_cache(maxsize=1 << 16)(self._bpe)  # per-word cache
 
     @classmethod
-    def from_folder(cls, folder: Path | None) -> "CLIPTokenizer":
+    def from_folder(cls, folder: Path | None, positions: int | None = None) -> "CLIPTokenizer":
         """Load a diffusers `tokenizer/` folder: vocab.json and merges.txt, and the special tokens
         and `model_max_length` from tokenizer_config.json, overridden by special_tokens_map.json
         (the order transformers reads them in). A folder without vocab.json and merges.txt, or
-        None, uses the CLIP vocabulary packaged with sdlite."""
+        None, uses the CLIP vocabulary packaged with sdlite.
+
+        `positions` is the text encoder's `max_position_embeddings`: the length when the folder
+        sets none (or transformers' placeholder), and a longer one is an error, since the encoder
+        has no position embedding for the tokens past it. Without it the default length is 77."""
         settings = {}
         vocab_folder = PACKAGED_VOCAB
         if folder is not None:
@@ -206,7 +213,13 @@ class CLIPTokenizer:
             value = settings.get(key, default)
             tokens[key] = value["content"] if isinstance(value, dict) else value  # an AddedToken dict
         try:
-            return cls(vocab, merges, max_length=int(settings.get("model_max_length", 77)), **tokens)
+            length = int(settings.get("model_max_length", PLACEHOLDER_LENGTH))
+            if length >= PLACEHOLDER_LENGTH:
+                length = 77 if positions is None else positions
+            if positions is not None and length > positions:
+                raise ValueError(f"model_max_length {length} is more than the {positions} positions of the "
+                                 "text encoder")
+            return cls(vocab, merges, max_length=length, **tokens)
         except ValueError as error:
             raise ValueError(f"Tokenizer {folder if folder is not None else vocab_folder}: {error}") from None
 

@@ -108,10 +108,10 @@ def test_a_failing_compiler_warns_once_and_torch_ops_decode(own_cache, monkeypat
 
 @needs_kernels
 def test_no_place_for_the_cache_warns_and_torch_ops_decode(own_cache, monkeypatch):
-    def no_home():
+    def no_home(name):
         raise RuntimeError("Could not determine home directory.")
 
-    monkeypatch.setattr(kernels, "cache_dir", no_home)
+    monkeypatch.setattr(kernels, "cache_folder", no_home)
     with pytest.warns(UserWarning, match="home directory"):
         assert kernels.library() is None
 
@@ -127,3 +127,55 @@ def test_kernels_are_built_once_and_read_from_the_cache(own_cache, monkeypatch):
 
     monkeypatch.setattr(kernels.subprocess, "run", no_compiling)
     assert kernels.library() is not None
+
+
+@needs_kernels
+@pytest.mark.parametrize("xdg", ["", "relative/cache"])
+def test_an_empty_or_relative_xdg_cache_home_counts_as_unset(tmp_path, monkeypatch, xdg):
+    """The XDG spec: a relative path there is invalid. The cache must not land in the working
+    directory, where an `sdlite/` folder would shadow the installed package."""
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(kernels, "_library", None)
+    assert kernels.library() is not None
+    assert len(list((tmp_path / "home" / ".cache" / "sdlite" / "kernels").glob("kernels-*.so"))) == 1
+    assert not (tmp_path / "sdlite").exists() and not (tmp_path / "relative").exists()
+
+
+# With -fopenmp: writes a file that is no library and exits 0; else the real compiler.
+FAKE_OPENMP_COMPILER = """#!/bin/sh
+out=""; prev=""
+for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done
+for a in "$@"; do [ "$a" = "-fopenmp" ] && { echo garbage > "$out"; exit 0; }; done
+exec cc "$@"
+"""
+
+
+@needs_kernels
+def test_a_library_that_compiles_but_does_not_load_is_not_cached(own_cache, tmp_path, monkeypatch):
+    """A compiler that takes -fopenmp but gives a library that does not load (no OpenMP runtime):
+    the build without OpenMP is used and cached."""
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text(FAKE_OPENMP_COMPILER)
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    assert kernels.library() is not None
+    monkeypatch.setattr(kernels, "_library", None)  # as in a new process: it loads from the cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.library() is not None
+    assert len(list(own_cache.glob("kernels-*.so"))) == 1
+
+
+@needs_kernels
+def test_a_cached_library_that_does_not_load_is_built_again(own_cache, monkeypatch):
+    assert kernels.library() is not None
+    (cached,) = own_cache.glob("kernels-*.so")
+    cached.unlink()  # a new file: this process has the old one loaded
+    cached.write_text("garbage")
+    monkeypatch.setattr(kernels, "_library", None)  # as in a new process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.library() is not None
+    assert cached.stat().st_size > len("garbage")

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sdlite import StableDiffusion
+from sdlite.config import CLIPConfig, UNetConfig, VAEConfig
 from sdlite.keys import canonical_state
 from sdlite.loading import (
     CheckpointError,
@@ -16,6 +17,7 @@ from sdlite.loading import (
     load_component,
     load_network,
     read_safetensors,
+    read_weights,
 )
 
 
@@ -39,6 +41,8 @@ def test_read_safetensors_matches_the_reference_reader(tmp_path):
         "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
         "d": torch.randn(2, 2).bfloat16(),
         "empty": torch.zeros(0, 4),
+        "u16": torch.tensor([1, 65535]).to(torch.uint16),
+        "u32": torch.tensor([1, 2**32 - 1]).to(torch.uint32),
     }
     save_file(tensors, path)
     ours, theirs = read_safetensors(path), load_file(path)
@@ -90,6 +94,57 @@ def test_sharded_weights_load_as_one(tmp_path):
     model = load_component(Tiny, None, tmp_path, torch.float32)
     for key, value in weights.items():
         assert torch.equal(model.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("index", ["diffusion_pytorch_model.safetensors.index.fp16.json",  # diffusers' name
+                                   "diffusion_pytorch_model.fp16.safetensors.index.json"])
+def test_sharded_fp16_weights_are_found_under_either_index_name(tmp_path, index):
+    save_file(tiny_weights(), tmp_path / "diffusion_pytorch_model.safetensors")
+    shard = "diffusion_pytorch_model.fp16-00001-of-00001.safetensors"
+    save_file(tiny_weights(torch.float16), tmp_path / shard)
+    (tmp_path / index).write_text(json.dumps({"weight_map": dict.fromkeys(tiny_weights(), shard)}))
+    assert find_weight_files(tmp_path, prefer_fp16=True) == [tmp_path / shard]
+    assert find_weight_files(tmp_path) == [tmp_path / "diffusion_pytorch_model.safetensors"]
+
+
+def safetensors_header(folder, header: bytes):
+    path = folder / "w.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    return path
+
+
+def pickled(folder, value):
+    torch.save(value, folder / "w.ckpt")
+    return folder / "w.ckpt"
+
+
+def with_index(folder, text: str):
+    (folder / "model.safetensors.index.json").write_text(text)
+    return folder
+
+
+UNET = {"block_out_channels": [32, 64], "down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2}
+
+
+@pytest.mark.parametrize("make, read, message", [
+    (lambda d: safetensors_header(d, b"[1]"), read_safetensors, "header is not a json object"),
+    (lambda d: safetensors_header(d, b'{"a": {"dtype": "F32", "shape": [-1, -1], "data_offsets": [0, 4]}}'),
+     read_safetensors, "negative size"),
+    (lambda d: safetensors_header(d, b'{"a": {"dtype": "X7", "shape": [1], "data_offsets": [0, 4]}}'),
+     read_safetensors, "dtype 'X7', which sdlite does not read"),
+    (lambda d: with_index(d, "[]"), find_weight_files, "not a shard index"),
+    (lambda d: pickled(d, torch.zeros(3)), read_weights, r"holds no state dict \(a Tensor\)"),
+    (lambda d: pickled(d, [1, 2]), read_weights, r"holds no state dict \(a list\)"),
+    (lambda d: {}, UNetConfig.from_json, "needs down_block_types"),
+    (lambda d: {}, VAEConfig.from_json, "needs block_out_channels"),
+    (lambda d: UNET | {"attention_head_dim": None}, UNetConfig.from_json, "positive integers, got None"),
+    (lambda d: UNET | {"attention_head_dim": 0}, UNetConfig.from_json, "positive integers, got 0"),
+    (lambda d: {"num_attention_heads": 0}, CLIPConfig.from_json, "num_attention_heads=0"),
+], ids=["header-list", "negative-shape", "unknown-dtype", "index-list", "pickled-tensor", "pickled-list",
+        "unet-no-blocks", "vae-no-blocks", "unet-heads-null", "unet-heads-0", "clip-heads-0"])
+def test_malformed_inputs_give_clear_errors(tmp_path, make, read, message):
+    with pytest.raises(ValueError, match=message):
+        read(make(tmp_path))
 
 
 def test_pickle_weights_need_the_opt_in(tmp_path):

@@ -225,3 +225,30 @@ def test_lora_merges_drop_recorded_cuda_graphs(sd1, tmp_path):
         sd.unet.cuda_graphs.graphs["a recorded signature"] = None
         change()
         assert not sd.unet.cuda_graphs.graphs
+
+
+def test_lora_merges_into_fp16_weights_kept_at_rest(sd1, tmp_path):
+    """fp16 at rest, fp32 compute: the merge goes into the stored fp16 tensors, as with fp16 parameters."""
+    folder, _, layers = sd1
+    path = write_kohya(layers, tmp_path / "lora.safetensors")
+    plain = StableDiffusion.from_pretrained(folder, dtype=torch.float16)
+    at_rest = StableDiffusion.from_pretrained(folder, dtype=torch.float16, compute_dtype=torch.float32)
+    base = pixels(at_rest.text_to_image(PROMPT, **ARGS))
+    assert plain.load_lora(path, 0.8) == at_rest.load_lora(path, 0.8) == len(layers)
+    for net, name in layers:
+        stored = submodule(getattr(at_rest, net), name).weights_at_rest.stored_value("weight")
+        assert torch.equal(stored, submodule(getattr(plain, net), name).weight)
+    assert np.abs(pixels(at_rest.text_to_image(PROMPT, **ARGS)) - base).max() > 20
+    at_rest.unload_loras()
+    assert np.array_equal(pixels(at_rest.text_to_image(PROMPT, **ARGS)), base)
+
+
+def test_lora_into_palettized_jit_weights_says_to_use_fast_mode(sd1, tmp_path):
+    from sdlite.palettize import compress
+
+    folder, _, layers = sd1
+    compress(folder, tmp_path / "pal", bits=8, min_elements=1000, log=None)
+    path = write_kohya(layers, tmp_path / "lora.safetensors")
+    with pytest.raises(CheckpointError, match='palettized_mode="fast"'):
+        StableDiffusion.from_pretrained(tmp_path / "pal", palettized_mode="jit").load_lora(path)
+    assert StableDiffusion.from_pretrained(tmp_path / "pal", palettized_mode="fast").load_lora(path) == len(layers)

@@ -32,3 +32,15 @@ def test_openvino_takes_the_tokenizers_context_length(tmp_path):
     torch_image = sd.text_to_image(**settings)[0]
     ov_image = use_openvino(StableDiffusion.from_pretrained(), cache_dir=tmp_path).text_to_image(**settings)[0]
     assert np.abs(np.asarray(torch_image, dtype=int) - np.asarray(ov_image, dtype=int)).max() <= 2
+
+
+@pytest.mark.parametrize("xdg", ["", "relative/cache"])
+def test_an_empty_or_relative_xdg_cache_home_counts_as_unset(tmp_path, monkeypatch, xdg):
+    """The XDG spec: a relative path there is invalid; the cache goes under ~/.cache instead of
+    the working directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    sd = use_openvino(StableDiffusion.from_pretrained())
+    assert sd.unet.ir_path.is_relative_to(tmp_path / "home" / ".cache" / "sdlite" / "openvino")
+    assert not (tmp_path / "sdlite").exists() and not (tmp_path / "relative").exists()

@@ -278,6 +278,21 @@ def test_compress_refuses_bad_arguments(source, tmp_path):
         compress(source, tmp_path / "full", bits=4, log=None)
 
 
+def test_compress_leaves_nothing_when_it_fails(source, palettized, tmp_path):
+    with pytest.raises(ValueError, match="already palettized"):
+        compress(palettized(8), tmp_path / "again", bits=4, log=None)
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    for weights in (broken / "vae").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(FileNotFoundError, match="no weight file"):
+        compress(broken, tmp_path / "out", bits=8, log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no partial folder to block a retry
+    (tmp_path / "out").mkdir()  # an empty output folder is fine
+    compress(source, tmp_path / "out", bits=8, log=None)
+    assert (tmp_path / "out" / "unet" / "palettization.json").is_file()
+
+
 def test_cli_compress_and_generate_with_low_memory(source, tmp_path, capsys):
     from sdlite.cli import main
 

@@ -108,12 +108,25 @@ def test_convert_round_trips_exactly(family_model, kind, tmp_path):
     StableDiffusion.from_pretrained(tmp_path / "folder")
 
 
-def test_sd2_keeps_23_of_24_openclip_layers(family_model):
-    folder, single = family_model("sd2")
+@pytest.mark.parametrize("resblocks", [23, 24])
+def test_sd2_drops_only_a_24th_openclip_layer(family_model, tmp_path, resblocks):
+    """SD 2.x uses 23 of OpenCLIP-H's 24 layers. Published files carry all 24, and so do the files
+    sdlite writes; diffusers' own converter writes only the 23, and its from_single_file skips
+    `resblocks.23` alone. Other layer counts (the tiny models) are kept whole."""
+    _, single = family_model("sd2")
+    prefix = "cond_stage_model.model.transformer.resblocks."
     state = load_file(single)
-    layers = {k.split(".")[4] for k in state if k.startswith("cond_stage_model.model.transformer.resblocks.")}
-    assert len(layers) == 3  # the folder's 2 layers + the identity layer SD 2.x files carry
+    assert {k.split(".")[4] for k in state if k.startswith(prefix)} == {"0", "1"}
     assert read_single_file(single).configs["text_encoder"]["num_hidden_layers"] == 2
+    layer = {k.removeprefix(prefix + "1."): v for k, v in state.items() if k.startswith(prefix + "1.")}
+    state |= {f"{prefix}{i}.{k}": v.clone() for i in range(2, resblocks) for k, v in layer.items()}
+    save_file(state, tmp_path / "sd2.safetensors")
+    model = read_single_file(tmp_path / "sd2.safetensors")
+    assert model.configs["text_encoder"]["num_hidden_layers"] == 23
+    assert len({k.split(".")[3] for k in model.weights["text_encoder"] if ".layers." in k}) == 23
+    save_diffusers_folder(tmp_path / "sd2.safetensors", tmp_path / "folder")
+    save_single_file(tmp_path / "folder", tmp_path / "again.safetensors")
+    assert len({k.split(".")[4] for k in load_file(tmp_path / "again.safetensors") if k.startswith(prefix)}) == 24
 
 
 def test_key_tables_work_in_both_directions(family_model):
@@ -169,6 +182,21 @@ def test_unknown_architecture(family_model, tmp_path):
     save_file(mixed, tmp_path / "mixed.safetensors")
     with pytest.raises(CheckpointError, match="unknown architecture.*does not fit"):
         read_single_file(tmp_path / "mixed.safetensors")
+    # SD 2.x unCLIP: a class embedding (label_emb) for the image embedding
+    unclip = sd2 | {"model.diffusion_model.label_emb.0.0.weight": torch.zeros(128, 1024),
+                    "model.diffusion_model.label_emb.0.0.bias": torch.zeros(128)}
+    save_file(unclip, tmp_path / "unclip.safetensors")
+    with pytest.raises(CheckpointError, match="unknown architecture.*label_emb"):
+        read_single_file(tmp_path / "unclip.safetensors")
+
+
+@pytest.mark.parametrize("key", ["input_blocks.0.0.weight", "out.2.weight"])
+def test_a_unet_without_its_first_or_last_conv_is_incomplete(family_model, tmp_path, key):
+    state = load_file(family_model("sd1")[1])
+    del state["model.diffusion_model." + key]
+    save_file(state, tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointError, match="not a complete SD 1.x checkpoint"):
+        read_single_file(tmp_path / "partial.safetensors")
 
 
 def test_pickle_needs_the_opt_in(family_model, tmp_path):
@@ -210,6 +238,14 @@ def test_cli_convert_generate_and_lora(family_model, tmp_path, capsys):
     assert main(args + ["--model", str(pickle), "-o", str(tmp_path / "p.png")]) == 2
     assert "--allow-pickle" in capsys.readouterr().err
     assert main(args + ["--model", str(pickle), "-o", str(tmp_path / "p.png"), "--allow-pickle"]) == 0
+
+
+def test_convert_refuses_a_palettized_folder(family_model, tmp_path):
+    from sdlite.palettize import compress
+
+    compress(family_model("sd1")[0], tmp_path / "pal", bits=8, log=None)
+    with pytest.raises(CheckpointError, match="is palettized"):
+        save_single_file(tmp_path / "pal", tmp_path / "pal.safetensors")
 
 
 def test_real_world_extras_are_ignored(family_model, tmp_path):

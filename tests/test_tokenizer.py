@@ -190,6 +190,21 @@ def test_packaged_vocabulary(tmp_path):
         assert (tokenizer.pad_id, tokenizer.max_length) == (pad_id, length)
 
 
+@pytest.mark.parametrize("setting, positions, length", [
+    (None, None, 77), (None, 16, 16), (1000000000000000019884624838656, 16, 16),  # transformers' placeholder
+    (1000000000000000019884624838656, None, 77), (12, 16, 12), (16, 16, 16)])
+def test_length_fits_the_text_encoders_positions(tmp_path, setting, positions, length):
+    if setting is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": setting}))
+    assert CLIPTokenizer.from_folder(tmp_path, positions).max_length == length
+
+
+def test_a_length_past_the_text_encoders_positions_is_an_error(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 32}))
+    with pytest.raises(ValueError, match="model_max_length 32 is more than the 16 positions"):
+        CLIPTokenizer.from_folder(tmp_path, 16)
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         CLIPTokenizer.from_folder(tmp_path / "nowhere")
