@@ -6,8 +6,9 @@ Weight names follow diffusers'.
 
 Convolutions run on prepacked weights as well, and their activations stay channels-last from
 one to the next, which oneDNN takes without re-laying them out: an SD 2.1 UNet call at 256 px
-took 1.46 against 1.51 s, a VAE decode 2.02 against 2.12 s (Intel Xeon, in-process A/B). (Packed
-convolutions whose outputs were copied back to NCHW had been slower on an AMD EPYC.) 3x3
+took 1.46 against 1.51 s (Intel Xeon, in-process A/B), for 0.2 s more in the first call. (Packed
+convolutions whose outputs were copied back to NCHW had been slower on an AMD EPYC.) The VAE
+keeps plain ones (`Conv2d.prepack`; sdlite.vae says why). 3x3
 convolutions on inputs of at most `SMALL_INPUT` pixels (the UNet's lowest levels) run as one
 GEMM instead (`Conv2d`)."""
 
@@ -97,9 +98,11 @@ class Conv2d(nn.Conv2d):
     matrix saved another 5-15% a call but cost about 0.6 s in the first UNet call.)
 
     Other convolutions run on a prepacked copy of the weight (`onednn_weight`), as `Linear`
-    does, and give channels-last outputs, which the next convolution takes without a re-layout."""
+    does, and give channels-last outputs, which the next convolution takes without a re-layout;
+    unless `prepack` is False."""
 
     takes_slices = True
+    prepack = True  # False: plain NCHW convolutions (the VAE's, run once per image)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -116,9 +119,10 @@ class Conv2d(nn.Conv2d):
             patches = padded.as_strided((B, H, W, C, 3, 3), (sB, sH, sW, sC, sH, sW)).reshape(B * H * W, C * 9)
             y = torch.ops.mkldnn._linear_pointwise(patches, w.reshape(len(w), -1), b, "none", [], "")
             return y.view(B, H, W, -1).permute(0, 3, 1, 2)  # channels-last, as the packed convolutions
-        weight = None if self.padding_mode != "zeros" or isinstance(self.padding, str) else onednn_weight(
-            self, x, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
-                w.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, x.shape))
+        if not self.prepack or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        weight = onednn_weight(self, x, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
+            w.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, x.shape))
         if weight is None:
             return super().forward(x)
         if weight is w:  # materialised for this call (at rest): oneDNN lays such weights out

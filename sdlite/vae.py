@@ -149,6 +149,11 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = Conv2d(2 * lc, 2 * lc, 1) if config.use_quant_conv else None
         self.post_quant_conv = Conv2d(lc, lc, 1) if config.use_post_quant_conv else None
+        # A VAE runs once per image: packing its weights made SD 2.1's first decode at 256 px
+        # slower (2.24 against 2.15 s) and its peak RSS 360 MB higher, for 4.5% on later decodes.
+        for module in self.modules():
+            if isinstance(module, Conv2d):
+                module.prepack = False
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (B, 3, H, W) in [-1, 1], H and W multiples of downscale_factor -> latent distribution."""

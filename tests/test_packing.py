@@ -50,6 +50,18 @@ def test_packed_matches_plain_and_follows_weight_changes(make, data):
         assert torch.allclose(layer(y), plain(layer, y), atol=1e-5)
 
 
+def test_the_unet_packs_its_convolutions_and_the_vae_does_not():
+    from sdlite import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained()  # the bundled model
+    sd.decode(next(sd.generate_latents("a red circle", steps=1, seed=0))[1])
+
+    def packed(network):
+        return [m for m in network.modules() if isinstance(m, layers.Conv2d) and m.__dict__.get("_packed")]
+
+    assert packed(sd.unet) and not packed(sd.vae)
+
+
 @pytest.mark.parametrize("make, data", LAYERS)
 def test_autograd_and_state_dict_are_untouched(make, data):
     layer, x = make(), data()
