@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -323,15 +324,25 @@ def webui_info(job: Job) -> str:
 
 
 class Guard:
-    """ASGI middleware run before anything else: the API key, then the body size."""
+    """ASGI middleware run before anything else: the origin of requests that change something,
+    the API key, then the body size."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app, api_key: str | None, max_body: int, cors_origins: tuple[str, ...] = ()):
+        self.app, self.api_key, self.max_body, self.cors_origins = app, api_key, max_body, cors_origins
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        # Browsers send a POST without a body (the interrupt) from any web page with no CORS
+        # preflight: one from another site than this server's page, and not allowed by
+        # --cors-origin, is refused.
+        if (origin and scope["method"] not in ("GET", "HEAD", "OPTIONS") and origin not in self.cors_origins
+                and urlsplit(origin).netloc != headers.get(b"host", b"").decode("latin-1")):
+            response = error_response(403, f"a request from the web page at {origin} is refused: allow that origin "
+                                           "with --cors-origin", "permission_error")
+            return await response(scope, receive, send)
         if self.api_key is not None and scope["path"] not in PUBLIC_PATHS:
             scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.api_key.encode())):
@@ -511,7 +522,7 @@ def create_app(sd, options: ServerOptions | None = None) -> FastAPI:
             raise ApiError(404, f"job {job_id} has {len(results)} images (state {job.state})")
         return Response(results[index].png, media_type="image/png")
 
-    app.add_middleware(Guard, api_key=options.api_key, max_body=options.max_body)
+    app.add_middleware(Guard, api_key=options.api_key, max_body=options.max_body, cors_origins=options.cors_origins)
     if options.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])

@@ -398,6 +398,18 @@ def test_api_key(sd):
         assert preflight[0] == 200 and preflight[1]["access-control-allow-origin"] == "http://ui.test"
 
 
+def test_requests_from_other_sites_that_change_something_are_refused(sd):
+    # A web page can POST without a body (the interrupt) to any server, with no CORS preflight.
+    with running(create_app(sd, ServerOptions(cors_origins=("http://ui.test",)))) as base:
+        interrupt = f"{base}/sdapi/v1/interrupt"
+        status, _, answer = call(interrupt, method="POST", headers={"Origin": "http://evil.example"})
+        assert status == 403 and "--cors-origin" in answer["error"]["message"]
+        assert call(interrupt, method="POST", headers={"Origin": base})[0] == 200  # the server's own page
+        assert call(interrupt, method="POST", headers={"Origin": "http://ui.test"})[0] == 200  # allowed
+        assert call(interrupt, method="POST")[0] == 200  # not from a browser
+        assert call(f"{base}/sdapi/v1/samplers", headers={"Origin": "http://evil.example"})[0] == 200  # reads: CORS
+
+
 def test_serve_command(model_path, tmp_path):
     import socket
 
