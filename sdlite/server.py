@@ -312,10 +312,14 @@ def b64(data: bytes) -> str:
 
 
 def webui_info(job: Job) -> str:
-    g = job.generation
+    """The web UI's `info` JSON; its per-image lists have one entry per image. sdlite has no
+    variation seeds: subseed -1, strength 0."""
+    g, n = job.generation, len(job.results)
     return json.dumps({
         "prompt": g.prompt, "negative_prompt": g.negative_prompt, "seed": g.seed,
-        "all_seeds": [r.seed for r in job.results], "width": g.width, "height": g.height,
+        "all_prompts": [g.prompt] * n, "all_negative_prompts": [g.negative_prompt] * n,
+        "all_seeds": [r.seed for r in job.results], "subseed": -1, "all_subseeds": [-1] * n,
+        "subseed_strength": 0, "index_of_first_image": 0, "width": g.width, "height": g.height,
         "sampler_name": WEBUI_SAMPLERS.get(g.sampler, g.sampler), "cfg_scale": g.cfg, "steps": g.steps,
         "batch_size": g.batch_size, "n_iter": g.n_iter, "denoising_strength": g.strength,
         "infotexts": [r.infotext for r in job.results], "job_id": job.id,

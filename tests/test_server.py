@@ -182,6 +182,8 @@ def test_txt2img_webui_names_metadata_and_cli_replay(url, model_path, tmp_path):
     assert status == 200, answer
     info = json.loads(answer["info"])
     assert info["all_seeds"] == [7, 8] and info["sampler_name"] == "Euler a"
+    assert info["all_prompts"] == ["a blue square"] * 2 and info["all_negative_prompts"] == ["red"] * 2
+    assert info["all_subseeds"] == [-1, -1] and info["index_of_first_image"] == 0
     assert len(answer["images"]) == 2
     image = png_from_b64(answer["images"][1])
     assert image.size == (64, 48)
