@@ -416,6 +416,8 @@ def create_app(sd, options: ServerOptions | None = None) -> FastAPI:
                 raise ApiError(400, f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {body.size!r}")
             width, height = int(match[1]), int(match[2])
         n = 1 if body.n is None else body.n
+        if not 1 <= n <= options.max_images:  # said in OpenAI's terms (the web UI's check names batch_size)
+            raise ApiError(400, f"n must be from 1 to {options.max_images}, got {n}")
         webui = Txt2ImgRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                                seed=-1 if body.seed is None else body.seed, width=width, height=height, batch_size=n)
         job = await server.wait(server.submit(server.generation(webui, sampler=body.sampler, cfg=body.cfg)), request)
