@@ -31,6 +31,7 @@ import torch
 from . import keys
 from .config import CLIPConfig, UNetConfig, VAEConfig
 from .loading import CheckpointError, find_weight_files, read_json, read_weights
+from .palettize import RECIPE_NAME
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 CLIP_VOCAB = Path(__file__).parent / "data" / "clip"
@@ -296,7 +297,7 @@ def save_single_file(folder: str | Path, out: str | Path, allow_pickle: bool = F
     folder, out = Path(folder), Path(out)
     family = folder_family(folder)
     components = list(keys.ORIGINAL_PREFIXES[family])
-    if any((folder / c / "palettization.json").is_file() for c in components):
+    if any((folder / c / RECIPE_NAME).is_file() for c in components):
         raise CheckpointError(f"{folder} is palettized (sdlite compress); convert the original model")
     configs = {c: read_json(folder / c / "config.json") for c in components}
     weights = {}
