@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .layers import ProjectedContext
 from .loading import cache_folder
 
 
@@ -105,6 +106,8 @@ class OpenVINOUNet(nn.Module):
         if not bool((t == t[0]).all()):
             raise ValueError("the OpenVINO UNet takes one timestep for the whole batch")
         t = t[0]
+        if isinstance(encoder_hidden_states, ProjectedContext):  # the projections are in the converted network
+            encoder_hidden_states = encoder_hidden_states.states
         inputs = [sample.float().contiguous().numpy(), t.numpy(), encoder_hidden_states.float().contiguous().numpy()]
         out = self.compiled_for(sample.shape[0])(inputs)[0]
         return torch.from_numpy(out).to(sample.dtype)

@@ -20,6 +20,7 @@ from PIL import Image
 from .clip import CLIPTextModel
 from .config import CLIPConfig, UNetConfig, VAEConfig
 from .graphs import CUDAGraphs
+from .layers import ProjectedContext
 from .loading import CheckpointError, load_component, load_network, read_json
 from .memory import (OnDemand, decode_tiled, keep_at_rest, network_device, network_dtype, release_weights,
                      set_malloc_policy, trim_heap, using)
@@ -309,6 +310,7 @@ class StableDiffusion:
     def _denoise(self, x, plan, conditioning, cfg, generator) -> Iterator[tuple[int, torch.Tensor]]:
         guided = cfg > 1
         context, added = conditioning
+        context = ProjectedContext(context)  # the same text at every step: its projections are kept
 
         def model(x_in: torch.Tensor, t) -> torch.Tensor:
             if not guided:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .layers import Attention, Conv2d, Downsample2D, Linear, ResnetBlock2D, Upsample2D, activation, timestep_embedding
+from .layers import (Attention, Conv2d, Downsample2D, Linear, ProjectedContext, ResnetBlock2D, Upsample2D, activation,
+                     timestep_embedding)
 
 
 class GEGLU(nn.Module):
@@ -265,7 +266,8 @@ class UNet2DConditionModel(nn.Module):
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 added_cond: dict | None = None) -> torch.Tensor:
         """sample (B, C, H, W) latents, any H and W; timestep a number or (B,) tensor, may be
-        fractional; encoder_hidden_states (B, T, cross_attention_dim). Returns (B, out_channels, H, W).
+        fractional; encoder_hidden_states (B, T, cross_attention_dim), or a `ProjectedContext` of them
+        to reuse from step to step. Returns (B, out_channels, H, W).
         With `cuda_graphs` set (sdlite.graphs), CUDA calls in inference mode replay CUDA graphs."""
         if self.cuda_graphs is None or not sample.is_cuda or not torch.is_inference_mode_enabled():
             return self.run(sample, timestep, encoder_hidden_states, added_cond)
@@ -275,6 +277,8 @@ class UNet2DConditionModel(nn.Module):
             return self.run(x, t, context, dict(zip(names, added)) or None)
 
         t = torch.as_tensor(timestep, device=sample.device)  # the graph reads it from the GPU
+        if isinstance(encoder_hidden_states, ProjectedContext):  # the graph records the projections
+            encoder_hidden_states = encoder_hidden_states.states
         return self.cuda_graphs(call, sample, t, encoder_hidden_states, *(added_cond[k] for k in names))
 
     def run(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,

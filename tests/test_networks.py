@@ -149,6 +149,27 @@ def test_unet(components):
             assert_close(ours(x, t, ctx), ref(x, t, ctx).sample)
 
 
+def test_a_projected_context_keeps_the_cross_attention_keys_and_values(components):
+    """Calls on a ProjectedContext give the plain calls' numbers and project the text once."""
+    from sdlite.layers import ProjectedContext
+
+    ours = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(components["unet"].config)),
+                      components["unet"].state_dict())
+    cross = [m for name, m in ours.named_modules() if name.endswith("attn2")]
+    calls = []
+    for layer in cross:
+        layer.to_k.register_forward_hook(lambda module, args, out: calls.append(module))
+    x, ctx = unet_inputs(2, 8, 8, CROSS_ATTENTION_DIM)
+    projected = ProjectedContext(ctx)
+    with torch.no_grad():
+        for t in (999, 10):
+            plain = ours(x, t, ctx)
+            calls.clear()
+            assert torch.equal(ours(x, t, projected), plain)
+            assert len(calls) == (len(cross) if t == 999 else 0)  # projected at the first call only
+    assert cross and len(projected.projections) == len(cross)
+
+
 def test_unet_and_vae_with_long_attention_on_onednn(components, monkeypatch):
     """`sdlite.layers.onednn_attention` runs attention over 1,024 keys or more; the tiny models
     have fewer, so the threshold comes down to 16 here (self- and cross-attention, the VAE's too)."""

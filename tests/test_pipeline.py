@@ -112,6 +112,20 @@ def test_generate_latents_yields_every_step(reference_model):
     assert sd.num_denoising_steps(5, sampler="pndm") == 6  # PLMS's first step calls the model twice
 
 
+def test_a_generation_projects_its_text_once_for_all_steps(reference_model):
+    """The cross-attention keys and values of the prompt are made at the first step and kept
+    (sdlite.layers.ProjectedContext); the next generation makes its own."""
+    sd = StableDiffusion.from_pretrained(reference_model("sd1"))
+    cross = [m for name, m in sd.unet.named_modules() if name.endswith("attn2")]
+    calls = []
+    for layer in cross:
+        layer.to_k.register_forward_hook(lambda module, args, out: calls.append(module))
+    for prompt in (PROMPT, "a blue square"):
+        calls.clear()
+        assert len(list(sd.generate_latents(prompt, steps=4, seed=0, sampler="euler"))) == 4
+        assert cross and sorted(map(id, calls)) == sorted(id(layer.to_k) for layer in cross)
+
+
 def test_same_seed_same_image_and_seed_changes_image(reference_model):
     sd = StableDiffusion.from_pretrained(reference_model("sd1"))
     a, b, c = (sd.text_to_image(PROMPT, steps=3, seed=s)[0] for s in (7, 7, 8))
