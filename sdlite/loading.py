@@ -37,6 +37,7 @@ SAFETENSORS_DTYPES = {
 READ_CHUNK = 1 << 22  # values per read when a tensor is cast while loading
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+RECIPE_NAME = "palettization.json"  # a component folder with this recipe holds palettized weights (sdlite.palettize)
 
 class CheckpointError(ValueError):
     """A weight file that cannot be read or does not fit the network's configuration."""
@@ -252,7 +253,7 @@ def load_component(
     per layer ("jit") or once now ("fast") as `palettized_mode` says.
     """
     compute_dtype = dtype if compute_dtype is None else compute_dtype
-    if (folder / "palettization.json").is_file():
+    if (folder / RECIPE_NAME).is_file():
         from .palettize import load_palettized
 
         return load_palettized(network_class, config, folder, dtype, device, compute_dtype, palettized_mode)

@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 
 from . import kernels
-from .loading import CheckpointError, canonical_state, find_weight_files, read_json, read_safetensors, read_weights
+from .loading import (RECIPE_NAME, CheckpointError, canonical_state, find_weight_files, read_json, read_safetensors,
+                      read_weights)
 
 BITS = (1, 2, 4, 6, 8)
 MIN_ELEMENTS = 100_000  # tensors up to this size stay fp16, as in Core ML's palettization
-RECIPE_NAME = "palettization.json"
 WEIGHTS_NAME = "palettized.safetensors"
 FORMAT = "sdlite-palettized"
 VERSION = 2  # 2: 6-bit codes split into a low-byte and a high-nibble plane

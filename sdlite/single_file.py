@@ -30,8 +30,7 @@ import torch
 
 from . import keys
 from .config import CLIPConfig, UNetConfig, VAEConfig
-from .loading import CheckpointError, find_weight_files, read_json, read_weights
-from .palettize import RECIPE_NAME
+from .loading import RECIPE_NAME, CheckpointError, find_weight_files, read_json, read_weights
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 CLIP_VOCAB = Path(__file__).parent / "data" / "clip"
