@@ -313,6 +313,11 @@ def check(s: Settings, out: Output) -> None:
         raise UsageError("--triangle-strengths and --triangle-steps need --triangle")
     if [] in (s.triangle_strengths, s.triangle_steps):
         raise UsageError("--triangle-strengths and --triangle-steps need at least one value")
+    if s.long_prompts:  # emphasis weights that are not numbers (prompts.parse_weights raises ValueError)
+        from .prompts import parse_weights
+
+        for text in (s.prompt, s.negative_prompt):
+            parse_weights(text or "")
     if out.path.suffix == "":
         out.path = out.path.with_suffix(".png")
     if out.path.suffix.lower() != ".png":
