@@ -147,7 +147,7 @@ class JobQueue:
         self.finished: OrderedDict[str, Job] = OrderedDict()
         self.counts = dict(submitted=0, rejected=0, **{state: 0 for state in FINISHED})
         self._lock = threading.Condition()
-        self._closed = False
+        self.closed = False  # set by close: no job is taken any more
         self._threads = [threading.Thread(target=self._work, name=f"sdlite-worker-{i}", daemon=True)
                          for i in range(workers)]
         for thread in self._threads:
@@ -159,7 +159,7 @@ class JobQueue:
         steps = self.sd.num_denoising_steps(generation.steps, 1.0 if generation.image is None else generation.strength,
                                             generation.sampler)
         with self._lock:
-            if self._closed:
+            if self.closed:
                 raise QueueFull("the server is shutting down")
             if len(self.pending) >= self.max_queue:
                 self.counts["rejected"] += 1
@@ -217,7 +217,7 @@ class JobQueue:
     def close(self, timeout: float = 10.0) -> None:
         """Cancel waiting jobs, interrupt running ones and stop the workers."""
         with self._lock:
-            self._closed = True
+            self.closed = True
             while self.pending:
                 self._finish(self.pending.popleft(), "cancelled")
             for job in self.running:
@@ -232,6 +232,7 @@ class JobQueue:
         # Called with the lock held.
         job.state, job.error, job.finished = state, error, time.time()
         job.generation.image = None  # the source of an img2img job is not needed any more
+        job.preview = None  # nor the last preview: previews are shown while a job runs
         if job in self.running:
             self.running.remove(job)
         self.finished[job.id] = job
@@ -245,9 +246,9 @@ class JobQueue:
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not self.pending and not self._closed:
+                while not self.pending and not self.closed:
                     self._lock.wait()
-                if self._closed:
+                if self.closed:
                     return
                 job = self.pending.popleft()
                 job.state, job.started = "running", time.time()

@@ -14,8 +14,9 @@
 Every request is checked here, where it enters (sizes, steps, sampler, images, limits), and
 answers 4xx with `{"error": {"message", "type", "code"}}` (OpenAI's shape; `detail` repeats the
 message for FastAPI-style clients); the worker only ever sees valid jobs (`sdlite.jobs`). A full
-queue answers 503 with Retry-After. With an API key every path but the page itself (static HTML,
-which asks for the key) needs `Authorization: Bearer KEY`.
+queue answers 503 with Retry-After, and so do the requests still waiting when the server shuts
+down. With an API key every path but the page (static HTML, which asks for the key) and the API
+description needs `Authorization: Bearer KEY`.
 """
 
 import asyncio
@@ -37,10 +38,11 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
@@ -51,7 +53,9 @@ from .images import WEBUI_SAMPLERS
 from .jobs import FINISHED, Generation, Job, JobQueue, QueueFull
 
 WEB = Path(__file__).parent / "web"
-PUBLIC_PATHS = ("/",)  # the page: static, the same for everyone; it asks for the key
+# Static, the same for everyone: the page, which asks for the key, and the API description,
+# whose "Authorize" button takes it (a browser cannot send a key when it opens /docs).
+PUBLIC_PATHS = ("/", "/docs", "/openapi.json")
 MAX_SEED = 2**63
 
 
@@ -285,6 +289,8 @@ class Server:
             raise ApiError(499, "the client closed the connection")
         if job.state == "failed":
             raise ApiError(500, f"generation failed: {job.error}", "server_error")
+        if job.state == "cancelled" and self.queue.closed:
+            raise ApiError(503, "the server is shutting down", "server_error")
         if job.state == "cancelled":
             raise ApiError(409, f"job {job.id} was cancelled")
         return job
@@ -380,8 +386,11 @@ def create_app(sd, options: ServerOptions | None = None) -> FastAPI:
         yield
         server.queue.close()
 
-    app = FastAPI(title="sdlite", version=__version__, lifespan=lifespan,
-                  description=f"Stable Diffusion server for the model {sd.name!r}.")
+    # With a key, the description declares the bearer scheme (the key itself is checked by Guard):
+    # /docs then has an "Authorize" button and sends the key with its requests.
+    bearer = [Depends(HTTPBearer(auto_error=False, description="the server's --api-key"))] if options.api_key else []
+    app = FastAPI(title="sdlite", version=__version__, lifespan=lifespan, dependencies=bearer,
+                  description="A Stable Diffusion server: OpenAI's images API, the web UI's API and sdlite's jobs.")
     app.state.server = server
 
     @app.exception_handler(ApiError)
@@ -546,8 +555,6 @@ def is_loopback(host: str) -> bool:
 
 def serve(sd, host: str = "127.0.0.1", port: int = 7860, options: ServerOptions | None = None) -> None:
     """Serve `sd` until interrupted (Ctrl-C)."""
-    import uvicorn
-
     options = ServerOptions() if options is None else options
     if not is_loopback(host) and options.api_key is None:
         print(f"sdlite: warning: serving on {host} without --api-key: anyone who can reach it can use it",
@@ -557,4 +564,18 @@ def serve(sd, host: str = "127.0.0.1", port: int = 7860, options: ServerOptions 
         names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted(names))
     print(f"sdlite: serving {sd.name} at http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn_server(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5).run()
+
+
+def uvicorn_server(app: FastAPI, **config):
+    """A uvicorn server for `app` (from `create_app`) that closes the job queue first when it shuts
+    down, so the requests waiting for jobs get their 503 before the connections close (uvicorn
+    would cut them off with a bare 500 after its grace period)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            await asyncio.to_thread(app.state.server.queue.close)
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, **config))

@@ -16,13 +16,14 @@ from PIL import Image
 
 @contextlib.contextmanager
 def running(app):
-    """Serve `app` with uvicorn in a thread; yields its base URL (http://127.0.0.1:PORT)."""
-    import uvicorn
+    """Serve `app` (from create_app) with uvicorn in a thread, as `sdlite serve` does; yields its
+    base URL (http://127.0.0.1:PORT)."""
+    from sdlite.server import uvicorn_server
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # the kernel picks a free port; no race with other tests
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn_server(app, log_level="warning", timeout_graceful_shutdown=2)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

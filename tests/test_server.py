@@ -103,10 +103,13 @@ def test_preview_methods(sd):
     for method in ("approx", "vae", "auto"):
         queue = JobQueue(sd, preview=method, preview_every=1)
         assert queue.preview == ("vae" if method == "auto" else method)  # a tiny model decodes in no time
+        made, preview = [], queue._preview
+        queue._preview = lambda latents: made.append(preview(latents)) or made[-1]
         job = queue.submit(generation)
         wait_for(lambda: job.state == "done")
         queue.close()
-        assert Image.open(io.BytesIO(job.preview)).size == (64, 48) and len(job.results) == 1
+        assert len(made) == 4 and Image.open(io.BytesIO(made[-1])).size == (64, 48) and len(job.results) == 1
+        assert job.preview is None  # a finished job keeps its images, not its last preview
 
 
 def test_two_workers_give_the_same_images(sd):
@@ -319,6 +322,25 @@ def test_full_queue_answers_503_with_retry_after(sd):
         assert finished(base, waiting["id"])["state"] == "done"
 
 
+def test_requests_waiting_when_the_server_shuts_down_get_503(sd):
+    answers = {}
+
+    def request(name):
+        answers[name] = call(f"{base}/sdapi/v1/txt2img", {"prompt": name, "steps": LONG})
+
+    threads = [threading.Thread(target=request, args=(name,)) for name in ("running", "waiting")]
+    with running(create_app(sd, ServerOptions(max_steps=2000))) as base:
+        threads[0].start()
+        wait_for(lambda: any(j["state"] == "running" for j in call(f"{base}/sdlite/v1/jobs")[2]["jobs"]))
+        threads[1].start()
+        wait_for(lambda: len(call(f"{base}/sdlite/v1/jobs")[2]["jobs"]) == 2)
+    for thread in threads:
+        thread.join(30)
+    for status, _, answer in answers.values():
+        assert status == 503 and answer["error"]["message"] == "the server is shutting down"
+    assert set(answers) == {"running", "waiting"}
+
+
 BAD_REQUESTS = [
     ("txt2img", {"width": 65}, 400, "width must be a multiple of 8"),
     ("txt2img", {"height": 4096}, 400, "height must be a multiple of 8 in [8, 1024]"),
@@ -385,11 +407,16 @@ def test_api_key(sd):
     key = "s3cret-key"
     with running(create_app(sd, ServerOptions(api_key=key, cors_origins=("http://ui.test",)))) as base:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {key}"}):
-            for path in ("/sdapi/v1/samplers", "/openapi.json", "/sdlite/v1/jobs"):
+            for path in ("/sdapi/v1/samplers", "/sdlite/v1/jobs", "/v1/models"):
                 status, _, answer = call(f"{base}{path}", headers=headers)
                 assert status == 401 and "API key" in answer["error"]["message"]
         assert call(f"{base}/sdapi/v1/samplers", headers={"Authorization": f"Bearer {key}"})[0] == 200
         assert call(f"{base}/")[0] == 200  # the page is static; it asks for the key
+        # /docs opens in a browser, which sends no key; its "Authorize" button takes the bearer key.
+        assert call(f"{base}/docs")[0] == 200
+        schema = call(f"{base}/openapi.json")[2]
+        assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+        assert schema["paths"]["/sdapi/v1/txt2img"]["post"]["security"] == [{"HTTPBearer": []}]
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
         answer = client.images.generate(prompt="x", response_format="b64_json", extra_body={"steps": 2})
         assert png_from_b64(answer.data[0].b64_json).size == (64, 64)
