@@ -25,7 +25,8 @@ from .memory import Slices, release_pages
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state_dict) that runs CPU fp32 inference on oneDNN, with a
     prepacked copy of its weight: oneDNN otherwise re-lays-out the weight on every call. The copy
-    is made on first use and made again if the weight changes (in place or replaced); weights
+    is made on first use and made again if the weight is replaced or changed in place by an
+    operation autograd counts (not through `.data`, nor in inference mode); weights
     materialised per call are not packed (`onednn_weight`). With autograd recording, on other
     devices or dtypes it is plain nn.Linear."""
 
@@ -53,11 +54,12 @@ def onednn_weight(layer: nn.Module, x: torch.Tensor, pack) -> torch.Tensor | Non
     """The weight oneDNN takes for `layer`'s call on input `x`: `pack(weight)`, kept; or None
     where oneDNN does not apply (autograd, non-CPU, non-fp32, no oneDNN, tracing or compiling).
 
-    A parameter's prepacked copy is kept and made again when the parameter changes (in place or
-    replaced). A weight that is not a parameter is materialised per call (sdlite.memory's weights
-    at rest) and goes to oneDNN as it is: laying it out within the call is faster than packing it
-    first (SD 2.1's linear shapes at 512 px, the weight rewritten before each call: 287 against
-    332 ms for one of each), and the copy would be used once."""
+    A parameter's prepacked copy is kept and made again when the parameter is replaced or its
+    version counter moves (in-place changes outside inference mode and not through `.data`). A
+    weight that is not a parameter is materialised per call (sdlite.memory's weights at rest) and
+    goes to oneDNN as it is: laying it out within the call is faster than packing it first (SD
+    2.1's linear shapes at 512 px, the weight rewritten before each call: 287 against 332 ms for
+    one of each), and the copy would be used once."""
     w = layer.weight
     if not runs_on_onednn(x, w):
         return None
@@ -234,7 +236,8 @@ class ProjectedContext:
     context nor the weights change within a generation. SD 2.1's 16 cross-attention layers spend
     38 ms a UNet call on them at batch 2 (AMD EPYC, 2 cores), 2% of a call at 256 px; SDXL's 70
     layers with 2048-wide text 105 GFLOP a call. Keeping them costs their size: 15 MB for SD 2.1 at
-    batch 2, 100 MB for SDXL."""
+    batch 2, 100 MB for SDXL (fp32), more for more images. Weights changed between the steps of a
+    generation (a LoRA merged while it runs) reach these projections in the next generation only."""
 
     def __init__(self, states: torch.Tensor):
         self.states = states

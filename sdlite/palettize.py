@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from . import kernels
+from .layers import ProjectedContext
 from .loading import (RECIPE_NAME, CheckpointError, canonical_state, find_weight_files, read_json, read_safetensors,
                       read_weights)
 
@@ -520,12 +521,16 @@ class _Captured(Exception):
 
 
 def unet_inputs(sd, prompts=PROMPTS, latent_size: int | None = None, steps: int = 4) -> list[tuple]:
-    """(latents, timestep, context) UNet inputs of real generations: for the i-th prompt (seed i)
-    the input of step i of a `steps`-step run, so the inputs span the noise levels."""
+    """(latents, timestep, text states, SDXL's added_cond or None) UNet inputs of real generations:
+    for the i-th prompt (seed i) the input of step i of a `steps`-step run, so the inputs span the
+    noise levels."""
     inputs = []
 
     def record(module, args):
-        calls.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args[:3]))
+        x, t, context, added = (*args, None)[:4]
+        if isinstance(context, ProjectedContext):  # its projections were made with the weights as they are
+            context = context.states
+        calls.append((x.clone(), t.clone() if isinstance(t, torch.Tensor) else t, context.clone(), added))
         if len(calls) > wanted:
             raise _Captured
 
@@ -569,7 +574,7 @@ def mixed_bit_recipe(sd, target_db: float | str, candidates=(2, 4, 6, 8), group_
     unet = sd.unet
     inputs = unet_inputs(sd, PROMPTS[:n_inputs], latent_size)
     with torch.inference_mode():
-        reference = torch.cat([unet(x, t, c) for x, t, c in inputs])
+        reference = torch.cat([unet(*call) for call in inputs])
     peak = reference.abs().max().item()
     params = dict(unet.named_parameters())
     keys = [k for k, p in params.items() if is_palettizable(k, p, min_elements)]
@@ -582,7 +587,7 @@ def mixed_bit_recipe(sd, target_db: float | str, candidates=(2, 4, 6, 8), group_
             for k, w in replacements.items():
                 params[k].data = w
             with torch.inference_mode():
-                return torch.cat([unet(x, t, c) for x, t, c in inputs])
+                return torch.cat([unet(*call) for call in inputs])
         finally:
             for k, w in saved.items():
                 params[k].data = w

@@ -208,14 +208,36 @@ def test_tiled_decoding_matches_whole_decoding_where_the_image_fits_a_tile(sourc
     assert (tiled - whole).abs().mean() < 0.5 * whole.abs().mean()
 
 
+def measured_psnr(source, compressed) -> float:
+    """The compressed UNet's output PSNR against the source's, on the inputs the recipe measures."""
+    sd, small = StableDiffusion.from_pretrained(source), StableDiffusion.from_pretrained(compressed)
+    prompt = palettize_module.PROMPTS[0]
+    x, t, _, added = palettize_module.unet_inputs(sd, [prompt])[0]
+    states = sd._conditioning(prompt, "", 1, True, sd.default_size)[0]  # the text, encoded here
+    with torch.inference_mode():
+        return palettize_module.psnr(sd.unet(x, t, states, added), small.unet(x, t, states, added))
+
+
 def test_mixed_bit_recipe_meets_its_target(source, tmp_path):
     out = tmp_path / "mixed"
     summary = compress(source, out, mixed_bit=25.0, min_elements=20_000, log=None, candidates=(2, 8),
                        n_inputs=1)
     assert summary["psnr_db"] >= 25.0
+    # Measured again on the plain text states: the recipe's inputs must not carry projections
+    # made with the unpalettized weights (sdlite.layers.ProjectedContext).
+    assert measured_psnr(source, out) == pytest.approx(summary["psnr_db"], abs=0.01)
     recipe = json.loads((out / "unet" / "palettization.json").read_text())
     assert {v["bits"] for v in recipe["tensors"].values()} <= {2, 8}
     pixels(StableDiffusion.from_pretrained(out))
+
+
+def test_mixed_bit_recipe_for_sdxl(family_model, tmp_path):
+    """SDXL's UNet takes added conditioning (pooled text, sizes), which the recipe's inputs keep."""
+    source = family_model("sdxl")[0]
+    summary = compress(source, tmp_path / "mixed", mixed_bit=25.0, min_elements=20_000, log=None,
+                       candidates=(2, 8), n_inputs=1)
+    assert summary["psnr_db"] >= 25.0
+    assert measured_psnr(source, tmp_path / "mixed") == pytest.approx(summary["psnr_db"], abs=0.01)
 
 
 def broken_copy(folder, tmp_path, edit):
