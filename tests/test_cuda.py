@@ -127,7 +127,7 @@ def test_fp32_images_on_cuda_match_diffusers(reference_model, kind, sampler, img
     assert max_pixel_diff(ours, truth) <= 2
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "euler"])
 @pytest.mark.parametrize("kind", MODEL_KINDS, ids=lambda k: "-".join(k))
 def test_fp16_images_on_cuda_are_as_close_as_diffusers(reference_model, kind, sampler):
     """Both engines draw the initial noise in the model's dtype, and torch's fp16 draws are not the
