@@ -63,6 +63,11 @@ _ONLY = {
     "variance_type": ((None,), "learned variance is not implemented"),
     "lambda_min_clipped": ((-math.inf, None), "lambda_min_clipped is not implemented"),
 }
+# Of those, DPMSolverMultistepScheduler's own settings: other classes use some of the same names for
+# theirs (UniPC's solver_type "bh2", DEIS's algorithm_type "deis", DDPM's variance_type
+# "fixed_small"), which no sdlite sampler reads, so there they are not checked.
+DPM_SOLVER_KEYS = {"algorithm_type", "solver_order", "solver_type", "final_sigmas_type", "euler_at_final",
+                   "lambda_min_clipped", "use_lu_lambdas", "variance_type"}
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,9 @@ class ScheduleConfig:
         """
         defaulted = set(d.get("_use_default_values", ()))
         d = {k: v for k, v in d.items() if k not in defaulted}
+        dpm_solver = d.get("_class_name", "DPMSolverMultistepScheduler") == "DPMSolverMultistepScheduler"
         for key, (allowed, why) in _ONLY.items():
-            if key in d and d[key] not in allowed:
+            if key in d and d[key] not in allowed and (dpm_solver or key not in DPM_SOLVER_KEYS):
                 raise ValueError(f"scheduler config {key}={d[key]!r}: {why}")
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names and v is not None}

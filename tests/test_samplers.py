@@ -204,6 +204,18 @@ def test_default_sampler():
         assert of(_class_name="LMSDiscreteScheduler") == "euler"
 
 
+@pytest.mark.parametrize("scheduler", ["UniPCMultistepScheduler", "DEISMultistepScheduler", "DDPMScheduler"])
+def test_checkpoints_saved_with_other_schedulers_load_and_fall_back_to_euler(scheduler):
+    """Their configs share key names with DPM-Solver's (solver_type "bh2", algorithm_type "deis",
+    variance_type "fixed_small") for settings no sdlite sampler reads."""
+    config = dict(getattr(diffusers, scheduler).from_config(dict(SD15)).config)
+    config = ScheduleConfig.from_json({k: v for k, v in config.items() if k != "_use_default_values"}
+                                      | {"_class_name": scheduler})
+    with pytest.warns(UserWarning, match=scheduler):
+        assert default_sampler(config) == "euler"
+    assert make_plan("dpmpp_2m", config, 10).num_steps == 10
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "pndm"])
 def test_steps_past_the_training_timesteps_are_refused(sampler):
     config = ScheduleConfig.from_json(dict(CONFIGS["sd15"]))
