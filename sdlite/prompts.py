@@ -1,4 +1,4 @@
-"""Long and weighted prompts, as the common Stable Diffusion web UIs (AUTOMATIC1111) read them.
+"""Long and weighted prompts in the syntax of the common Stable Diffusion web UIs (AUTOMATIC1111).
 
 Off by default (`from_pretrained(..., long_prompts=True)`, `--long-prompts`): without it a prompt
 is tokenized and encoded exactly as diffusers does. With it:
@@ -6,12 +6,16 @@ is tokenized and encoded exactly as diffusers does. With it:
 - Emphasis: `(text)` multiplies the weight of its tokens by 1.1, `[text]` divides it by 1.1,
   `(text:1.3)` multiplies it by 1.3; brackets nest (weights multiply); `\\(`, `\\)`, `\\[`, `\\]`
   are literal brackets; a bracket left open applies to the rest of the prompt; a stray closing one
-  is kept as text. `BREAK` (capitals, as a word) ends the current chunk.
+  is kept as text. `BREAK` (capitals, as a word) ends the current chunk, inside brackets too (the
+  web UI reads it there as a word). Prompt editing and alternation (`[a:b:0.5]`, `[a|b]`) are not
+  implemented: they warn, and are read as emphasis and text.
 - Length: the prompt's tokens are cut into chunks of 75 (the context of 77 less bos and eos); each
   chunk is encoded on its own as bos + tokens + eos + padding, exactly like a short prompt, and
   the chunks' states are concatenated along the sequence (77 states per chunk). The prompts of a
-  batch (prompt and negative prompt) are padded with empty-prompt chunks to the same count. No
-  comma backtracking: chunks break at exactly 75 tokens.
+  batch (prompt and negative prompt) are padded with empty-prompt chunks to the same count (the
+  web UI does that only with its "pad prompt/negative prompt" option, and otherwise runs them
+  apart). No comma backtracking: chunks break at exactly 75 tokens (the web UI goes back to the
+  last comma within 20 tokens).
 - Weights scale each token's output state (bos, eos and padding keep 1); then each chunk's states
   are rescaled so their mean is the unweighted mean (the web UI's "mean restore").
 - SDXL: both encoders are chunked alike; the pooled output is the second encoder's for the first
@@ -22,6 +26,7 @@ conditioning as with the option off.
 """
 
 import re
+import warnings
 
 import torch
 
@@ -32,6 +37,7 @@ BREAK = object()  # a fragment that ends the current chunk
 # AUTOMATIC1111's prompt_parser.re_attention: escapes, brackets, ":weight)", text runs.
 ATTENTION = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+EDITING = re.compile(r"(?<!\\)\[[^\[\]]*[:|][^\[\]]*(?<!\\)\]")  # the web UI's [a:b:0.5] and [a|b]
 
 
 def parse_weights(text: str) -> list[tuple]:
@@ -44,10 +50,13 @@ def parse_weights(text: str) -> list[tuple]:
             if fragment[0] is not BREAK:
                 fragment[1] *= factor
 
+    if EDITING.search(text):
+        warnings.warn("prompt editing and alternation ([a:b:0.5], [a|b]) are not supported: the brackets "
+                      "are read as emphasis and the rest as text")
     for match in ATTENTION.finditer(text):
         token, weight = match.group(0), match.group(1)
-        if token.startswith("\\"):
-            fragments.append([token[1:] or "\\", 1.0])
+        if token.startswith("\\"):  # an escaped character; a lone backslash is dropped, as the web UI does
+            fragments.append([token[1:], 1.0])
         elif token == "(":
             round_open.append(len(fragments))
         elif token == "[":

@@ -21,11 +21,20 @@ LONG = ", ".join(f"word{i} red circle" for i in range(40))  # well over 75 token
     (r"\(literal\) and (open", [("(literal) and ", 1.0), ("open", 1.1)]),
     ("stray) bracket", [("stray) bracket", 1.0)]),
     ("a BREAK b", [("a", 1.0), (BREAK, 1.0), ("b", 1.0)]),
+    ("lone \\ backslash, kept \\\\ one", [("lone  backslash, kept \\ one", 1.0)]),  # as the web UI
 ])
 def test_emphasis_rules(text, expected):
     got = parse_weights(text)
     assert [f for f, _ in got] == [f for f, _ in expected]
     assert [w for _, w in got] == pytest.approx([w for _, w in expected])
+
+
+@pytest.mark.parametrize("text", ["a [cat:dog:0.5]", "a [cat|dog]"])
+def test_prompt_editing_and_alternation_warn(text, recwarn):
+    with pytest.warns(UserWarning, match="not supported"):
+        parse_weights(text)
+    parse_weights(r"a \[cat:dog\] and (cat:1.2) [dog]")  # escaped brackets and plain emphasis: no warning
+    assert not [w for w in recwarn if "editing" in str(w.message)]
 
 
 def test_a_weight_that_is_not_a_number_is_a_clear_error():
