@@ -321,5 +321,8 @@ def _dpm_plan(sampler, config, cls, spacing, steps, start):
             ts = ts.round()
     else:
         sigmas = S.interp_sigmas(ts, train)
+    if (sigmas[1:] >= sigmas[:-1]).any():  # h = 0 in a step: NaN latents (diffusers gives them too)
+        raise ValueError(f"{sampler} cannot take {steps} steps on this schedule: two steps land on the same "
+                         "noise level; use fewer steps")
     sigmas = S.append_zero(torch.from_numpy(sigmas.astype(np.float32)))[start:]
     return sigmas, torch.from_numpy(ts.astype(np.int64))[start:], {}, ve_scale(sigmas[0])

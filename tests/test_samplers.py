@@ -216,6 +216,14 @@ def test_checkpoints_saved_with_other_schedulers_load_and_fall_back_to_euler(sch
     assert make_plan("dpmpp_2m", config, 10).num_steps == 10
 
 
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_dpm_steps_landing_on_one_noise_level_are_refused(spacing):
+    config = ScheduleConfig.from_json(dict(CONFIGS["sd15"], timestep_spacing=spacing))
+    with pytest.raises(ValueError, match="cannot take 1000 steps on this schedule"):
+        make_plan("dpmpp_2m", config, 1000)
+    assert make_plan("dpmpp_2m", config, 500).num_steps == 500
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "pndm"])
 def test_steps_past_the_training_timesteps_are_refused(sampler):
     config = ScheduleConfig.from_json(dict(CONFIGS["sd15"]))
