@@ -127,6 +127,8 @@ def build_parser() -> Parser:
     generate = commands.add_parser("generate", help="text to image", allow_abbrev=False)
     generate.add_argument("prompt", nargs="?", help="what to draw (optional with --from-png)")
     generate.add_argument("--from-png", type=Path, metavar="FILE", help="redo the image recorded in FILE's metadata")
+    generate.add_argument("--image", metavar="FILE", help="with --from-png: the source image of an img2img record "
+                          "that does not name it (the server's)")
     img2img = commands.add_parser("img2img", help="image and text to image", allow_abbrev=False)
     img2img.add_argument("image", help="source image")
     img2img.add_argument("prompt")
@@ -275,10 +277,15 @@ def settings_from_args(args) -> tuple[Settings, Output]:
             if getattr(settings, name) is None:
                 raise UsageError(f"{args.from_png} does not record its {name.replace('_', ' ')} "
                                  f"(written with --no-save-prompt): give it with {option}")
+        if settings.mode == "img2img" and settings.image is None:
+            raise UsageError(f"{args.from_png} records an img2img run without naming its source image (the "
+                             "server's do not): give the source with --image FILE")
     else:
         settings = Settings(mode="img2img" if args.command == "img2img" else "txt2img", **given)
         if settings.prompt is None:
             raise UsageError("the PROMPT argument is required (or --from-png FILE)")
+    if settings.mode == "txt2img" and "image" in given:
+        raise UsageError("--image gives the source of an img2img record replayed with --from-png")
     check(settings, output)
     return settings, output
 

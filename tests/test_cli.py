@@ -231,6 +231,7 @@ ERRORS = {
     # Checked before the model loads: a missing model is not what is reported.
     "unknown sampler": (["generate", "p", "--model", "nowhere", "--sampler", "nope"], "unknown sampler 'nope'"),
     "height not a multiple of 8": (["generate", "p", "--model", "nowhere", "--height", "60"], "multiple of 8"),
+    "image without a record": (["generate", "p", "--image", "{source}"], "--image gives the source of an img2img"),
     "bad prompt weight": (["generate", "(p:1.2.3)", "--model", "nowhere", "--long-prompts"], "is not a number"),
     "bad negative prompt weight": (["generate", "p", "--negative-prompt", "(q:1..2)", "--model", "nowhere",
                                     "--long-prompts"], "is not a number"),

@@ -211,7 +211,7 @@ def test_txt2img_webui_names_metadata_and_cli_replay(url, model_path, tmp_path):
     assert settings["sampler"] == "dpmpp_2m_karras" and 0 <= settings["seed"] < 2**32
 
 
-def test_img2img(url):
+def test_img2img(url, tmp_path, capsys):
     source = Image.new("RGB", (64, 64), (200, 30, 30))
     encoded = b64_png(source)
     mime = base64.encodebytes(base64.b64decode(encoded)).decode()  # lines of 76 characters, as `base64` writes
@@ -226,6 +226,15 @@ def test_img2img(url):
         assert settings["mode"] == "img2img" and settings["strength"] == 0.5
         assert settings["image_sha256"] == hashlib.sha256(base64.b64decode(encoded)).hexdigest()
         assert "Denoising strength: 0.5" in image.text["parameters"]
+
+    # The command line redoes it given the source, which the record does not name.
+    (tmp_path / "server.png").write_bytes(base64.b64decode(answer["images"][0]))
+    (tmp_path / "source.png").write_bytes(base64.b64decode(encoded))
+    replay = ["generate", "--from-png", str(tmp_path / "server.png"), "-o", str(tmp_path / "cli.png"), "-q"]
+    assert cli.main(replay) == 2 and "give the source with --image FILE" in capsys.readouterr().err
+    assert cli.main([*replay, "--image", str(tmp_path / "source.png")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cli.png").convert("RGB")),
+                                  np.asarray(image.convert("RGB")))
 
 
 def test_models_samplers_openapi_docs(url, sd):
