@@ -13,8 +13,9 @@ follows the family's rule:
 - SD 2.x's text encoder is OpenCLIP-H without its last layer (23 of 24): a file's 24th resblock
   is dropped (files with 23 keep them all; see `keys.SD2_TEXT_LAYERS`);
 - prediction type: epsilon, unless the caller says otherwise or the file carries a `v_pred` marker
-  key (a `ztsnr` key also turns on the zero-terminal-SNR schedule with trailing timesteps). SD 2.x
-  with v-prediction uses the 768-v reference config (768 px), else the 512 px base config.
+  key (a `ztsnr` key also turns on the zero-terminal-SNR schedule with trailing timesteps, sampled
+  with Euler by default). SD 2.x with v-prediction uses the 768-v reference config (768 px), else
+  the 512 px base config.
 
 All key renaming is in `sdlite.keys`. `save_single_file` / `save_diffusers_folder` convert between
 this layout and a diffusers folder, tensor for tensor.
@@ -247,8 +248,8 @@ def describe(state: dict, family: str, prediction_type: str | None, source: str)
     except KeyError as e:
         raise CheckpointError(f"{source}: not a complete {FAMILY_NAMES[family]} checkpoint: missing {e}") from None
     scheduler = dict(base["scheduler"], prediction_type=prediction_type)
-    if "ztsnr" in state:
-        scheduler.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if "ztsnr" in state:  # Euler, since PNDM (SD 1.x's) has no zero-SNR support and DDIM cannot take epsilon there
+        scheduler.update(_class_name="EulerDiscreteScheduler", rescale_betas_zero_snr=True, timestep_spacing="trailing")
     configs |= {"scheduler": scheduler, "model_index": base["model_index"]}
     typed = network_configs(configs)
     try:

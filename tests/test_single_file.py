@@ -163,6 +163,17 @@ def test_prediction_type_marker_and_override(family_model, tmp_path):
         read_single_file(single, prediction_type="sample")
 
 
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_zero_snr_files_default_to_a_sampler_that_takes_them(family_model, tmp_path, kind):
+    """SD 1.x's PNDM refuses zero terminal SNR: such files default to Euler."""
+    state = load_file(family_model(kind)[1])
+    for markers in ({"ztsnr"}, {"ztsnr", "v_pred"}):
+        save_file(state | {m: torch.zeros(0) for m in markers}, tmp_path / "z.safetensors")
+        sd = StableDiffusion.from_pretrained(tmp_path / "z.safetensors")
+        assert sd.default_sampler == "euler" and sd.schedule.rescale_betas_zero_snr
+        assert len(sd.text_to_image("a cat", steps=2)) == 1
+
+
 def test_not_a_checkpoint_says_which_keys_were_expected(tmp_path):
     save_file({"encoder.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError, match=r"not a Stable Diffusion checkpoint: expected keys model\.diffusion_model"):
