@@ -300,13 +300,27 @@ def save_single_file(folder: str | Path, out: str | Path, allow_pickle: bool = F
     if any((folder / c / RECIPE_NAME).is_file() for c in components):
         raise CheckpointError(f"{folder} is palettized (sdlite compress); convert the original model")
     configs = {c: read_json(folder / c / "config.json") for c in components}
+    for c in components:  # a single file has no tokenizer: its readers take CLIP's
+        text = configs[c]
+        if c.startswith("text_encoder") and (text.get("max_position_embeddings"), text.get("vocab_size")) != (77, 49408):
+            raise CheckpointError(f"{folder}: its {c} takes {text.get('max_position_embeddings')} tokens of a "
+                                  f"{text.get('vocab_size')}-token vocabulary, but a single file carries no tokenizer "
+                                  "and is read with CLIP's (77 tokens of 49408): keep this model as a folder")
     weights = {}
     for c in components:
         raw = {}
         for file in find_weight_files(folder / c, allow_pickle=allow_pickle):
             raw.update(read_weights(file))
         weights[c] = keys.canonical_state(raw, NETWORK_NAMES[c])  # e.g. pre-0.14 VAE attention names
-    _save(keys.diffusers_to_original(weights, family, network_configs(configs)), out)
+    state = keys.diffusers_to_original(weights, family, network_configs(configs))
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
+    # The marker keys that fine-tunes carry and readers (sdlite's, the web UIs') honour.
+    if scheduler.get("prediction_type") == "v_prediction":
+        state["v_pred"] = torch.zeros(0)
+    if scheduler.get("rescale_betas_zero_snr"):
+        state["ztsnr"] = torch.zeros(0)
+    _save(state, out)
     return family
 
 

@@ -6,6 +6,7 @@ file must give the folder's tensors bit for bit, so the converter is checked ind
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -249,6 +250,29 @@ def test_cli_convert_generate_and_lora(family_model, tmp_path, capsys):
     assert main(args + ["--model", str(pickle), "-o", str(tmp_path / "p.png")]) == 2
     assert "--allow-pickle" in capsys.readouterr().err
     assert main(args + ["--model", str(pickle), "-o", str(tmp_path / "p.png"), "--allow-pickle"]) == 0
+
+
+def test_convert_keeps_the_prediction_type_and_zero_snr_as_marker_keys(family_model, tmp_path):
+    folder = tmp_path / "v"
+    shutil.copytree(family_model("sd2")[0], folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"prediction_type": "v_prediction",
+                                                                 "rescale_betas_zero_snr": True}))
+    save_single_file(folder, tmp_path / "v.safetensors")
+    assert {"v_pred", "ztsnr"} <= set(load_file(tmp_path / "v.safetensors"))
+    schedule = read_single_file(tmp_path / "v.safetensors").configs["scheduler"]
+    assert schedule["prediction_type"] == "v_prediction" and schedule["rescale_betas_zero_snr"]
+    save_single_file(family_model("sd2")[0], tmp_path / "eps.safetensors")
+    assert not {"v_pred", "ztsnr"} & set(load_file(tmp_path / "eps.safetensors"))
+
+
+def test_convert_refuses_a_model_whose_text_needs_its_own_tokenizer(tmp_path):
+    """The bundled model reads 16 tokens of its own small vocabulary; a single file would lose it."""
+    from sdlite.pipeline import BUNDLED_MODEL
+
+    with pytest.raises(CheckpointError, match="takes 16 tokens of a .*carries no tokenizer"):
+        save_single_file(BUNDLED_MODEL, tmp_path / "bundled.safetensors")
+    assert not (tmp_path / "bundled.safetensors").exists()
 
 
 def test_convert_refuses_a_palettized_folder(family_model, tmp_path):
