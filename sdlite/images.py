@@ -18,7 +18,7 @@ import os
 import secrets
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 # Our sampler names -> the names the web UIs write in `parameters` (AUTOMATIC1111's list).
@@ -36,13 +36,20 @@ EMPTY_CELL = (200, 200, 200)
 TEXT = (0, 0, 0)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An opened image as upright RGB: turned as its EXIF orientation says (phone photos; diffusers'
+    load_image does the same), an alpha channel dropped, 16-bit greyscale scaled to 8 bits."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):  # 16-bit greyscale: PIL's RGB conversion would clip it at 255
+        return image.convert("I").point(lambda v: v * (1 / 257)).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """The image at `path` as RGB (an alpha channel is dropped), with a one-line error if unreadable."""
+    """The image at `path` as `to_rgb` gives it, with a one-line error if unreadable."""
     try:
         with Image.open(path) as image:
-            if image.mode.startswith("I"):  # 16-bit greyscale: PIL's RGB conversion would clip it at 255
-                return image.convert("I").point(lambda v: v * (1 / 257)).convert("RGB")
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError:
         raise FileNotFoundError(f"input image not found: {path}") from None
     except (UnidentifiedImageError, OSError) as e:

@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import __version__
-from .images import WEBUI_SAMPLERS
+from .images import WEBUI_SAMPLERS, to_rgb
 from .jobs import FINISHED, Generation, Job, JobQueue, QueueFull
 
 WEB = Path(__file__).parent / "web"
@@ -240,7 +240,7 @@ class Server:
             image = Image.open(io.BytesIO(raw))
             if image.width * image.height > 16 * o.max_width * o.max_height:
                 raise ApiError(400, f"the source image is {image.width}x{image.height} pixels: too large")
-            image = image.convert("RGB")
+            image = to_rgb(image)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise ApiError(400, f"init_images[0] is not an image PIL can read ({type(e).__name__})") from None
         if width is None and height is None and (image.width > o.max_width or image.height > o.max_height):

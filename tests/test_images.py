@@ -139,3 +139,16 @@ def test_16_bit_greyscale_images_keep_their_tones(tmp_path):
     assert Image.open(tmp_path / "grey.png").mode.startswith("I")
     rgb = np.asarray(images.load_image(tmp_path / "grey.png"))
     assert rgb.shape == (2, 256, 3) and rgb[0, :, 0].tolist() == list(range(256))
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
+    """A phone stores a portrait photo as a landscape image with orientation 6 (turn 90° clockwise)."""
+    stored = Image.new("RGB", (16, 8), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 8, 8))  # the left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=100, subsampling=0)
+    upright = np.asarray(images.load_image(tmp_path / "photo.jpg"), dtype=int)
+    assert upright.shape == (16, 8, 3)  # 8 wide, 16 high
+    assert upright[2, 4, 0] > 200 and upright[2, 4, 2] < 60  # the left half is now the top half
+    assert upright[13, 4, 2] > 200 and upright[13, 4, 0] < 60

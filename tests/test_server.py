@@ -227,6 +227,12 @@ def test_img2img(url, tmp_path, capsys):
         assert settings["image_sha256"] == hashlib.sha256(base64.b64decode(encoded)).hexdigest()
         assert "Denoising strength: 0.5" in image.text["parameters"]
 
+    # A 16-bit greyscale source keeps its tones, as on the command line (sdlite.images.to_rgb).
+    grey = Image.fromarray(np.full((64, 64), 32896, dtype=np.uint16))  # 128 in 8 bits
+    body = {"prompt": "a cat", "init_images": [b64_png(grey)], "steps": 1, "denoising_strength": 0.0}
+    status, _, grey_answer = call(f"{url}/sdapi/v1/img2img", body)
+    assert status == 200 and np.asarray(png_from_b64(grey_answer["images"][0]).convert("L")).max() == 128
+
     # The command line redoes it given the source, which the record does not name.
     (tmp_path / "server.png").write_bytes(base64.b64decode(answer["images"][0]))
     (tmp_path / "source.png").write_bytes(base64.b64decode(encoded))
