@@ -631,6 +631,8 @@ def show_info(args) -> int:
     print(f"defaults   {width}x{height} px, {sd.default_steps} steps, cfg {sd.default_cfg}, "
           f"sampler {sd.default_sampler}")
     print(f"samplers   {', '.join(sd.sampler_names)}")
+    for name, why in sd.refused_samplers.items():
+        print(f"refused    {name}: {why}")
     print(f"schedule   {getattr(sd.schedule, 'prediction_type', '?')} prediction")
     architecture = {
         "text_encoder": f"CLIP {text.num_hidden_layers} layers x {text.hidden_size}, {text.hidden_act}",
@@ -647,11 +649,12 @@ def show_info(args) -> int:
         print(f"{name:<12} {parameters / 1e6:8.2f}M parameters, {dtype}; {summary}")
     print("files")
     total = 0
-    for path in sorted(p for p in Path(sd.path).rglob("*") if p.is_file()):
+    root = Path(sd.path)
+    for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):  # a single file
         size = path.stat().st_size
         total += size
         stored = f"  stored as {stored_dtypes(path)}" if path.suffix == ".safetensors" else ""
-        print(f"  {path.relative_to(sd.path)!s:<50} {size / 2**20:9.2f} MiB{stored}")
+        print(f"  {path.relative_to(root.parent if root.is_file() else root)!s:<50} {size / 2**20:9.2f} MiB{stored}")
     print(f"  {'total':<50} {total / 2**20:9.2f} MiB")
     return 0
 

@@ -68,7 +68,13 @@ class StableDiffusion:
         self.default_sampler = defaults.sampler or default_sampler(schedule)
         factor = vae.config.downscale_factor
         self.default_size = (unet.config.sample_size * factor, unet.config.sample_size * factor)
-        self.sampler_names = tuple(SAMPLERS)
+        self.refused_samplers = {}  # sampler -> why this model's schedule refuses it (PNDM with zero terminal SNR)
+        for name in SAMPLERS:
+            try:
+                make_plan(name, schedule, self.default_steps)
+            except ValueError as e:
+                self.refused_samplers[name] = str(e)
+        self.sampler_names = tuple(name for name in SAMPLERS if name not in self.refused_samplers)  # the usable ones
         self.vae_tile_size = None  # decode in tiles of this many latents (None: whole); low_memory sets 32
         self.low_memory = False
 

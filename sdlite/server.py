@@ -151,15 +151,9 @@ class Server:
         self.queue = JobQueue(sd, options.max_queue, options.workers, options.preview, options.preview_every,
                               options.keep_finished)
         self.samplers = {}  # every name a client may use -> sdlite's name
-        self.refused = {}  # sampler -> why this model's schedule refuses it (PNDM with zero terminal SNR)
-        for name in sd.sampler_names:
+        for name in (*sd.sampler_names, *sd.refused_samplers):
             for alias in (name, WEBUI_SAMPLERS.get(name, name), f"k_{name}"):
                 self.samplers[alias.lower()] = name
-            try:
-                sd.num_denoising_steps(None, 1.0, name)  # the default steps
-            except ValueError as e:
-                self.refused[name] = str(e)
-        self.sampler_names = tuple(n for n in sd.sampler_names if n not in self.refused)  # the ones listed
 
     # checks, where the input enters
 
@@ -214,13 +208,14 @@ class Server:
         else:
             sampler = self.samplers.get(name.strip().lower())
             if sampler is None:
-                known = ", ".join(f"{WEBUI_SAMPLERS.get(n, n)!r} ({n})" for n in self.sampler_names)
+                known = ", ".join(f"{WEBUI_SAMPLERS.get(n, n)!r} ({n})" for n in self.sd.sampler_names)
                 raise ApiError(400, f"unknown sampler {name!r}; choose one of {known}")
-            if sampler in self.refused:
-                raise ApiError(400, f"sampler {name!r} does not work with this model: {self.refused[sampler]}")
+            why = self.sd.refused_samplers.get(sampler)
+            if why is not None:
+                raise ApiError(400, f"sampler {name!r} does not work with this model: {why}")
         if scheduler is None or scheduler.strip().lower() in ("", "automatic"):
             return sampler
-        if scheduler.strip().lower() == "karras" and f"{sampler}_karras" in self.sampler_names:
+        if scheduler.strip().lower() == "karras" and f"{sampler}_karras" in self.sd.sampler_names:
             return f"{sampler}_karras"
         if scheduler.strip().lower() == "karras" and sampler.endswith("_karras"):
             return sampler
@@ -488,7 +483,7 @@ def create_app(sd, options: ServerOptions | None = None) -> FastAPI:
     @app.get("/sdapi/v1/samplers", tags=["web UI"])
     async def samplers():
         return [{"name": WEBUI_SAMPLERS.get(n, n), "aliases": [n, f"k_{n}"], "options": {}}
-                for n in server.sampler_names]
+                for n in sd.sampler_names]
 
     @app.get("/sdapi/v1/options", tags=["web UI"])
     async def webui_options():
@@ -498,8 +493,8 @@ def create_app(sd, options: ServerOptions | None = None) -> FastAPI:
 
     @app.get("/sdlite/v1/info", tags=["sdlite"])
     async def info():
-        return {"version": __version__, "model": sd.name, "samplers": list(server.sampler_names),
-                "webui_samplers": {n: WEBUI_SAMPLERS.get(n, n) for n in server.sampler_names},
+        return {"version": __version__, "model": sd.name, "samplers": list(sd.sampler_names),
+                "webui_samplers": {n: WEBUI_SAMPLERS.get(n, n) for n in sd.sampler_names},
                 "preview": server.queue.preview,
                 "defaults": {"steps": sd.default_steps, "cfg": sd.default_cfg, "sampler": sd.default_sampler,
                              "width": sd.default_size[1], "height": sd.default_size[0]},

@@ -183,6 +183,16 @@ def test_info(model, tmp_path):
         assert text in result.stdout
 
 
+def test_info_names_refused_samplers_and_lists_a_single_file(family_model, tmp_path):
+    result = ok(sdlite("info", cwd=tmp_path))  # the bundled model: zero terminal SNR, which PNDM refuses
+    samplers = next(line for line in result.stdout.splitlines() if line.startswith("samplers"))
+    assert "euler" in samplers and "pndm" not in samplers
+    assert "refused    pndm: PNDMScheduler has no zero-terminal-SNR support" in result.stdout
+    single = family_model("sd1")[1]
+    result = ok(sdlite("info", single, cwd=tmp_path))
+    assert f"  {single.name}" in result.stdout and "stored as" in result.stdout and "refused" not in result.stdout
+
+
 def test_existing_output_is_refused_unless_overwrite(model, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "out.png")
     refused = sdlite("generate", "p", "--model", model, "--steps", 1, cwd=tmp_path)
