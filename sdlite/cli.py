@@ -614,8 +614,9 @@ def serve(args) -> int:
         max_images=args.max_images, max_body=int(args.max_body_mb * 2**20), max_queue=args.max_queue,
         workers=args.workers, preview=args.preview, preview_every=args.preview_every,
         cors_origins=tuple(args.cors_origin))
+    sock = server.listening_socket(args.host, args.port)  # a port in use fails before the model loads
     sd = load_model(args.model and str(Path(args.model).absolute()), args.device, args.dtype)
-    server.serve(sd, args.host, args.port, options)
+    server.serve(sd, args.host, args.port, options, sock)
     return 0
 
 

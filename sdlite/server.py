@@ -31,6 +31,7 @@ import json
 import math
 import random
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -548,8 +549,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(sd, host: str = "127.0.0.1", port: int = 7860, options: ServerOptions | None = None) -> None:
-    """Serve `sd` until interrupted (Ctrl-C)."""
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, for `serve`: taken before the model loads, so that a port in use
+    fails at once, with a one-line OSError."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(sd, host: str = "127.0.0.1", port: int = 7860, options: ServerOptions | None = None,
+          sock: socket.socket | None = None) -> None:
+    """Serve `sd` until interrupted (Ctrl-C), on `sock` if given (`listening_socket(host, port)`)."""
+    sock = listening_socket(host, port) if sock is None else sock
     options = ServerOptions() if options is None else options
     if not is_loopback(host) and options.api_key is None:
         print(f"sdlite: warning: serving on {host} without --api-key: anyone who can reach it can use it",
@@ -559,7 +575,7 @@ def serve(sd, host: str = "127.0.0.1", port: int = 7860, options: ServerOptions 
         names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted(names))
     print(f"sdlite: serving {sd.name} at http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)
-    uvicorn_server(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5).run()
+    uvicorn_server(app, log_level="warning", timeout_graceful_shutdown=5).run(sockets=[sock])
 
 
 def uvicorn_server(app: FastAPI, **config):

@@ -488,6 +488,12 @@ def test_serve_command(model_path, tmp_path):
     usage = subprocess.run([sys.executable, "-m", "sdlite", "serve", "--port", "http"], env=env,
                            capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and "--port" in usage.stderr
+    with socket.socket() as taken:  # a port in use: one line, before the model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = subprocess.run([sys.executable, "-m", "sdlite", "serve", "--model", "nowhere", "--port",
+                               str(taken.getsockname()[1])], env=env, capture_output=True, text=True, timeout=60)
+    assert busy.returncode == 1 and busy.stderr.count("\n") == 1 and "cannot listen on 127.0.0.1:" in busy.stderr
 
 
 def test_load_test_short_form(model_path):
