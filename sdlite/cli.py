@@ -325,6 +325,8 @@ def check(s: Settings, out: Output) -> None:
 
         for text in (s.prompt, s.negative_prompt):
             parse_weights(text or "")
+    if not out.path.name or out.path.name in (".", ".."):
+        raise UsageError(f"--output {str(out.path)!r} names no file")
     if out.path.suffix == "":
         out.path = out.path.with_suffix(".png")
     if out.path.suffix.lower() != ".png":
@@ -396,6 +398,8 @@ def run_compress(args) -> int:
         raise UsageError(f"{args.model} is not a diffusers-layout model folder (no model_index.json)")
     if args.output.exists() and any(args.output.iterdir()):
         raise UsageError(f"{args.output} exists and is not empty; choose another output folder")
+    if not args.output.absolute().parent.is_dir():
+        raise UsageError(f"the folder {args.output.absolute().parent} for {args.output} does not exist")
     from .palettize import compress
 
     start = time.perf_counter()

@@ -426,7 +426,8 @@ class StableDiffusion:
         if new_w == 0 or new_h == 0:
             raise ValueError(f"image is {w}x{h}; img2img needs at least {IMAGE_MULTIPLE}x{IMAGE_MULTIPLE} pixels")
         if (new_w, new_h) != (w, h):
-            warnings.warn(f"image is {w}x{h}, not a multiple of {IMAGE_MULTIPLE}: resized to {new_w}x{new_h}",
+            size = "image" if (w, h) == image.size else "size asked"
+            warnings.warn(f"{size} is {w}x{h}, not a multiple of {IMAGE_MULTIPLE}: resized to {new_w}x{new_h}",
                           stacklevel=3)
         if (new_w, new_h) != image.size:
             image = image.resize((new_w, new_h), Image.LANCZOS)

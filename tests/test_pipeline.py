@@ -160,11 +160,11 @@ def test_image_to_image_with_no_step_to_run_warns_and_returns_the_image(referenc
 def test_image_sides_are_cut_to_multiples_of_64(reference_model):
     sd = StableDiffusion.from_pretrained(reference_model("sd1"))
     image = source_image().resize((100, 70))
-    with pytest.warns(UserWarning, match="100x70.*64x64") as caught:
+    with pytest.warns(UserWarning, match="image is 100x70.*64x64") as caught:
         out = sd.image_to_image(image, PROMPT, strength=0.5, steps=2, seed=0)
     assert out[0].size == (64, 64) and len(caught) == 1
     # Sizes given are cut too, and the image is resized once: straight to the size a replay records.
-    with pytest.warns(UserWarning, match="72x72.*64x64"):
+    with pytest.warns(UserWarning, match="size asked is 72x72.*64x64"):
         fitted = sd.fit_image(image, 72, 72)
     assert fitted.tobytes() == sd.fit_image(image, 64, 64).tobytes()
     assert sd.fit_image(image, height=128).size == (64, 128)  # only the side given must be a valid size
