@@ -18,6 +18,7 @@ VAE decoding in tiles.
 
 import gc
 import math
+import os
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -177,6 +178,17 @@ def keep_at_rest(network: nn.Module, compute_dtype: torch.dtype, packed: dict | 
     network.stored_tensors = [v if isinstance(v, torch.Tensor) else v.indices
                               for hooks in hosts.values() for _, _, v, _ in hooks.stored]  # for release_weights
     return network
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on `device`: a GPU's own, or the machine's RAM for the CPU; None where
+    unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if device.type == "cpu" else None
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
 
 
 def network_device(network) -> torch.device:

@@ -22,8 +22,8 @@ from .config import CLIPConfig, UNetConfig, VAEConfig
 from .graphs import CUDAGraphs
 from .layers import ProjectedContext
 from .loading import CheckpointError, load_component, load_network, read_json
-from .memory import (OnDemand, decode_tiled, keep_at_rest, network_device, network_dtype, release_weights,
-                     set_malloc_policy, trim_heap, using)
+from .memory import (OnDemand, decode_tiled, device_memory, keep_at_rest, network_device, network_dtype,
+                     release_weights, set_malloc_policy, trim_heap, using)
 from .samplers import SAMPLERS, default_sampler, make_plan
 from .schedules import ScheduleConfig
 from .tokenizer import CLIPTokenizer
@@ -311,7 +311,22 @@ class StableDiffusion:
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < smallest or value % 8:
                 raise ValueError(f"{name} must be a multiple of 8, at least {smallest}; got {value!r}")
+        self._check_memory(height, width)
         return height // factor, width // factor
+
+    def _check_memory(self, height: int, width: int) -> None:
+        """Refuse a size whose single largest activation could not fit in the device's memory: the
+        VAE decoder's last level for a whole image, or, decoding in tiles, the UNet's first level
+        at batch 2. Sizes that pass may still not fit; these surely do not."""
+        memory = device_memory(self.device)
+        pixels = height * width
+        tiles = self.vae_tile_size is not None
+        widest = (2 * self.unet.config.block_out_channels[0] * pixels // self.vae.config.downscale_factor**2 if tiles
+                  else self.vae.config.block_out_channels[0] * pixels) * 4  # fp32 bytes
+        if memory is not None and widest > memory:
+            hint = "" if tiles else " (low_memory=True / --low-memory decodes in tiles)"
+            raise ValueError(f"{width}x{height} is too large for this device: one activation alone takes "
+                             f"{size_text(widest)} of its {size_text(memory)}{hint}")
 
     def _denoise(self, x, plan, conditioning, cfg, generator) -> Iterator[tuple[int, torch.Tensor]]:
         guided = cfg > 1
@@ -530,6 +545,10 @@ def load_tokenizer(folder: Path, text_config: CLIPConfig) -> CLIPTokenizer:
             "the model was trained with"
         )
     return tokenizer
+
+
+def size_text(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -157,6 +157,22 @@ def test_image_to_image_with_no_step_to_run_warns_and_returns_the_image(referenc
     assert max_pixel_diff(out, [image]) == 0
 
 
+def test_sizes_that_cannot_fit_in_memory_are_refused_up_front(monkeypatch):
+    import sdlite.pipeline as pipeline
+
+    sd = StableDiffusion.from_pretrained()
+    with pytest.raises(ValueError, match="800000x800000 is too large for this device"):
+        sd.text_to_image("a cat", height=800_000, width=800_000)
+    # With 3 MiB of memory: a 256 px decode (16 channels at full size: 4 MiB) is refused, with a hint;
+    # decoding in tiles, the UNet's first level is what counts (2 x 64 channels x 64 x 64: 2 MiB).
+    monkeypatch.setattr(pipeline, "device_memory", lambda device: 3 * 2**20)
+    assert (sd.vae.config.block_out_channels[0], sd.unet.config.block_out_channels[0]) == (16, 64)
+    with pytest.raises(ValueError, match="256x256 is too large.*4 MiB of its 3 MiB.*--low-memory"):
+        sd.generate_latents("a cat", height=256, width=256)
+    sd.vae_tile_size = 32
+    assert len(list(sd.generate_latents("a cat", height=256, width=256, steps=1))) == 1
+
+
 def test_image_sides_are_cut_to_multiples_of_64(reference_model):
     sd = StableDiffusion.from_pretrained(reference_model("sd1"))
     image = source_image().resize((100, 70))
