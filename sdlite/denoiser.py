@@ -9,18 +9,16 @@ diffusers' Euler schedulers so the float32 results agree.
 
 sigma -> t: diffusers' timesteps are not one formula of sigma ("leading" spacing adds steps_offset,
 Karras schedules round or keep fractional timesteps...), so a sampling plan hands the Denoiser its
-exact (sigma, t) pairs in `timestep_table`. Any other sigma falls back to log-sigma interpolation over
-the training sigmas (k-diffusion's DiscreteSchedule.sigma_to_t), if `train_sigmas` is given.
+exact (sigma, t) pairs in `timestep_table`; a sigma outside it is an error.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 
-from .schedules import PREDICTION_TYPES, sigma_to_t, ve_scale
+from .schedules import PREDICTION_TYPES, ve_scale
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_vp (B,C,H,W), t 0-dim) -> eps|v
 
@@ -34,7 +32,6 @@ class Denoiser:
         model: ModelFn,
         prediction_type: str,
         timestep_table: dict[float, torch.Tensor] | None = None,
-        train_sigmas: torch.Tensor | None = None,
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
@@ -42,16 +39,13 @@ class Denoiser:
         self.prediction_type = prediction_type
         # float(sigma) -> t, exactly as diffusers passes it (0-dim int64 or float32 tensor)
         self.timestep_table = {} if timestep_table is None else dict(timestep_table)
-        self.log_train_sigmas = None if train_sigmas is None else np.log(np.asarray(train_sigmas))
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The timestep passed to the network at noise level sigma."""
         key = float(sigma)
-        if key in self.timestep_table:
-            return self.timestep_table[key]
-        if self.log_train_sigmas is None:
-            raise ValueError(f"sigma {key} is not in this plan and no train_sigmas were given")
-        return torch.tensor(sigma_to_t(np.array(key), self.log_train_sigmas), dtype=torch.float32)
+        if key not in self.timestep_table:
+            raise ValueError(f"sigma {key} is not in this plan")
+        return self.timestep_table[key]
 
     def output(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The raw network output (eps or v) for the VE latent x at sigma."""

@@ -400,8 +400,8 @@ class StableDiffusion:
         height: int | None = None,
         width: int | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Image to image: encode `image`, noise it for `strength` (0 keeps it, 1 replaces it with
-        pure noise) and return a generator that denoises the remaining steps, yielding (step index,
+        """Image to image: encode `image`, noise it for `strength` (0 keeps it; 1 starts from the
+        schedule's first noise level, which may keep a trace of it, as in diffusers) and return a generator that denoises the remaining steps, yielding (step index,
         latents). Bad input raises when this is called, as for `generate_latents`.
 
         The image is used at its own size (or resized to height x width when given); sides that

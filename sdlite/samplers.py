@@ -196,7 +196,7 @@ class Plan:
 
     @property
     def num_steps(self) -> int:
-        """Network evaluations (= yields) this plan runs; PNDM runs one more than `steps`."""
+        """Network evaluations (= yields) this plan runs; PNDM runs one more than `steps` (from 2 steps)."""
         return len(self.timesteps)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -222,7 +222,9 @@ class Plan:
 
 def make_plan(sampler: str, config: ScheduleConfig, steps: int, strength: float = 1.0) -> Plan:
     """The plan diffusers' pipeline would run with `SCHEDULER_OF[sampler].from_config(config)`,
-    `steps` inference steps and img2img `strength` (1.0: txt2img, the full schedule).
+    `steps` inference steps and img2img `strength` (1.0: txt2img, the full schedule). The sampler
+    name decides Karras sigmas for DPM-Solver++ (`dpmpp_2m` never, `dpmpp_2m_karras` always), whatever
+    the config's `use_karras_sigmas`, which picks the default sampler instead (`default_sampler`).
 
     img2img keeps the last min(int(steps * strength), steps) steps (diffusers' get_timesteps).
     When that is 0 (e.g. strength=0) the plan runs no step and returns the image unchanged
