@@ -6,6 +6,7 @@ own progress bars, snapshots and early stopping. Randomness follows diffusers ex
 noise, then any ancestral noise — so a seed gives the reference implementation's image.
 """
 
+import itertools
 import math
 import random
 import warnings
@@ -339,9 +340,14 @@ class StableDiffusion:
             uncond, cond = self.unet(torch.cat([x_in, x_in]), t, context, added).chunk(2)
             return uncond + cfg * (cond - uncond)
 
-        with torch.inference_mode():
-            for i, x in enumerate(plan.sample(model, x, generator=generator)):
-                yield i, plan.to_latents(x, i)
+        steps = plan.sample(model, x, generator=generator)
+        for i in itertools.count():
+            with torch.inference_mode():  # per step: the caller's code between steps runs as it would
+                x = next(steps, None)
+                if x is None:
+                    return
+                latents = plan.to_latents(x, i)
+            yield i, latents
 
     def _setup(self, prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength, size):
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:

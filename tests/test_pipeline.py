@@ -112,6 +112,12 @@ def test_generate_latents_yields_every_step(reference_model):
     assert sd.num_denoising_steps(5, sampler="pndm") == 6  # PLMS's first step calls the model twice
 
 
+def test_the_callers_code_between_steps_runs_outside_inference_mode(reference_model):
+    sd = StableDiffusion.from_pretrained(reference_model("sd1"))
+    modes = [torch.is_inference_mode_enabled() for _ in sd.generate_latents(PROMPT, steps=3, sampler="euler")]
+    assert modes == [False] * 3
+
+
 def test_a_generation_projects_its_text_once_for_all_steps(reference_model):
     """The cross-attention keys and values of the prompt are made at the first step and kept
     (sdlite.layers.ProjectedContext); the next generation makes its own."""
