@@ -285,7 +285,7 @@ class JobQueue:
                     break
                 if self.preview != "none" and (i + 1) % self.preview_every == 0:
                     job.preview, job.preview_step = self._preview(latents), job.step
-            latents_steps.close()  # after an interrupt: its frame (text projections, sampler state) goes now
+            latents_steps = None  # after an interrupt: its frame (text projections, sampler state) goes now
             if latents is None:  # img2img at strength 0: no step, the image comes back
                 decoded = [g.image.copy() for _ in range(g.batch_size)]
             else:
