@@ -6,6 +6,7 @@ own progress bars, snapshots and early stopping. Randomness follows diffusers ex
 noise, then any ancestral noise — so a seed gives the reference implementation's image.
 """
 
+import functools
 import itertools
 import math
 import random
@@ -69,15 +70,25 @@ class StableDiffusion:
         self.default_sampler = defaults.sampler or default_sampler(schedule)
         factor = vae.config.downscale_factor
         self.default_size = (unet.config.sample_size * factor, unet.config.sample_size * factor)
-        self.refused_samplers = {}  # sampler -> why this model's schedule refuses it (PNDM with zero terminal SNR)
-        for name in SAMPLERS:
-            try:
-                make_plan(name, schedule, self.default_steps)
-            except ValueError as e:
-                self.refused_samplers[name] = str(e)
-        self.sampler_names = tuple(name for name in SAMPLERS if name not in self.refused_samplers)  # the usable ones
         self.vae_tile_size = None  # decode in tiles of this many latents (None: whole); low_memory sets 32
         self.low_memory = False
+
+    @functools.cached_property
+    def refused_samplers(self) -> dict[str, str]:
+        """Sampler -> why this model's schedule refuses it (PNDM with zero terminal SNR), at the
+        default steps."""
+        refused = {}
+        for name in SAMPLERS:
+            try:
+                make_plan(name, self.schedule, self.default_steps)
+            except ValueError as e:
+                refused[name] = str(e)
+        return refused
+
+    @property
+    def sampler_names(self) -> tuple[str, ...]:
+        """The samplers this model's schedule takes."""
+        return tuple(name for name in SAMPLERS if name not in self.refused_samplers)
 
     @property
     def device(self) -> torch.device:
