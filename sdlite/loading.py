@@ -39,6 +39,7 @@ WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 RECIPE_NAME = "palettization.json"  # a component folder with this recipe holds palettized weights (sdlite.palettize)
 
+
 class CheckpointError(ValueError):
     """A weight file that cannot be read or does not fit the network's configuration."""
 

@@ -333,8 +333,11 @@ class StableDiffusion:
         memory = device_memory(self.device)
         pixels = height * width
         tiles = self.vae_tile_size is not None
-        widest = (2 * self.unet.config.block_out_channels[0] * pixels // self.vae.config.downscale_factor**2 if tiles
-                  else self.vae.config.block_out_channels[0] * pixels) * 4  # fp32 bytes
+        if tiles:
+            widest = 2 * self.unet.config.block_out_channels[0] * pixels // self.vae.config.downscale_factor**2
+            widest *= self.dtype.itemsize
+        else:
+            widest = self.vae.config.block_out_channels[0] * pixels * self.vae_dtype.itemsize
         if memory is not None and widest > memory:
             hint = "" if tiles else " (low_memory=True / --low-memory decodes in tiles)"
             raise ValueError(f"{width}x{height} is too large for this device: one activation alone takes "
@@ -418,8 +421,9 @@ class StableDiffusion:
         width: int | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Image to image: encode `image`, noise it for `strength` (0 keeps it; 1 starts from the
-        schedule's first noise level, which may keep a trace of it, as in diffusers) and return a generator that denoises the remaining steps, yielding (step index,
-        latents). Bad input raises when this is called, as for `generate_latents`.
+        schedule's first noise level, which may keep a trace of it, as in diffusers) and return a
+        generator that denoises the remaining steps, yielding (step index, latents). Bad input
+        raises when this is called, as for `generate_latents`.
 
         The image is used at its own size (or resized to height x width when given); sides that
         are not multiples of 64 are cut down to one, with a warning.
