@@ -323,8 +323,10 @@ def check(s: Settings, out: Output) -> None:
     if s.long_prompts:  # emphasis weights that are not numbers (prompts.parse_weights raises ValueError)
         from .prompts import parse_weights
 
-        for text in (s.prompt, s.negative_prompt):
-            parse_weights(text or "")
+        with warnings.catch_warnings():  # warnings come when the prompt is encoded, as the options say
+            warnings.simplefilter("ignore")
+            for text in (s.prompt, s.negative_prompt):
+                parse_weights(text or "")
     if not out.path.name or out.path.name in (".", ".."):
         raise UsageError(f"--output {str(out.path)!r} names no file")
     if out.path.suffix == "":

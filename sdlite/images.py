@@ -16,6 +16,7 @@ Pure PIL (no torch), so it can be tested and used without loading a model.
 import json
 import os
 import secrets
+import struct
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
@@ -39,7 +40,10 @@ TEXT = (0, 0, 0)
 def to_rgb(image: Image.Image) -> Image.Image:
     """An opened image as upright RGB: turned as its EXIF orientation says (phone photos; diffusers'
     load_image does the same), an alpha channel dropped, 16-bit greyscale scaled to 8 bits."""
-    image = ImageOps.exif_transpose(image)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except (SyntaxError, ValueError, TypeError, OSError, struct.error):  # damaged EXIF: the image as stored
+        pass
     if image.mode.startswith("I"):  # 16-bit greyscale: PIL's RGB conversion would clip it at 255
         return image.convert("I").point(lambda v: v * (1 / 257)).convert("RGB")
     return image.convert("RGB")

@@ -215,8 +215,10 @@ class JobQueue:
         callback(job)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Cancel waiting jobs, interrupt running ones and stop the workers."""
+        """Cancel waiting jobs, interrupt running ones and stop the workers; once (later calls return)."""
         with self._lock:
+            if self.closed:
+                return
             self.closed = True
             while self.pending:
                 self._finish(self.pending.popleft(), "cancelled")

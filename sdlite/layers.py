@@ -25,8 +25,8 @@ from .memory import Slices, release_pages
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state_dict) that runs CPU fp32 inference on oneDNN, with a
     prepacked copy of its weight: oneDNN otherwise re-lays-out the weight on every call. The copy
-    is made on first use and made again if the weight is replaced or changed in place by an
-    operation autograd counts (not through `.data`, nor in inference mode); weights
+    is made on first use and made again if the weight is replaced or changed in place (not
+    through `.data`, nor when the weight is itself an inference tensor); weights
     materialised per call are not packed (`onednn_weight`). With autograd recording, on other
     devices or dtypes it is plain nn.Linear."""
 
@@ -55,7 +55,7 @@ def onednn_weight(layer: nn.Module, x: torch.Tensor, pack) -> torch.Tensor | Non
     where oneDNN does not apply (autograd, non-CPU, non-fp32, no oneDNN, tracing or compiling).
 
     A parameter's prepacked copy is kept and made again when the parameter is replaced or its
-    version counter moves (in-place changes outside inference mode and not through `.data`). A
+    version counter moves (in-place changes, but not through `.data`; an inference tensor has none). A
     weight that is not a parameter is materialised per call (sdlite.memory's weights at rest) and
     goes to oneDNN as it is: laying it out within the call is faster than packing it first (SD
     2.1's linear shapes at 512 px, the weight rewritten before each call: 287 against 332 ms for

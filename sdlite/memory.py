@@ -186,7 +186,8 @@ def device_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if device.type == "cpu" else None
+        pages = os.sysconf("SC_PHYS_PAGES") if device.type == "cpu" else -1
+        return os.sysconf("SC_PAGE_SIZE") * pages if pages > 0 else None
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
         return None
 

@@ -323,10 +323,10 @@ class StableDiffusion:
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < smallest or value % 8:
                 raise ValueError(f"{name} must be a multiple of 8, at least {smallest}; got {value!r}")
-        self._check_memory(height, width)
+        self.check_memory(height, width)
         return height // factor, width // factor
 
-    def _check_memory(self, height: int, width: int) -> None:
+    def check_memory(self, height: int, width: int) -> None:
         """Refuse a size whose single largest activation could not fit in the device's memory: the
         VAE decoder's last level for a whole image, or, decoding in tiles, the UNet's first level
         at batch 2. Sizes that pass may still not fit; these surely do not."""
@@ -361,7 +361,7 @@ class StableDiffusion:
                 if x is None:
                     return
                 latents = plan.to_latents(x, i)
-            yield i, latents
+            yield i, latents.clone()  # an ordinary tensor of the caller's: changing it leaves the sampler as it is
 
     def _setup(self, prompt, negative_prompt, n_images, steps, cfg, seed, sampler, strength, size):
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
@@ -465,6 +465,7 @@ class StableDiffusion:
             size = "image" if (w, h) == image.size else "size asked"
             warnings.warn(f"{size} is {w}x{h}, not a multiple of {IMAGE_MULTIPLE}: resized to {new_w}x{new_h}",
                           stacklevel=3)
+        self.check_memory(new_h, new_w)
         if (new_w, new_h) != image.size:
             image = image.resize((new_w, new_h), Image.LANCZOS)
         return image.convert("RGB")

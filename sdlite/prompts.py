@@ -37,7 +37,8 @@ BREAK = object()  # a fragment that ends the current chunk
 # AUTOMATIC1111's prompt_parser.re_attention: escapes, brackets, ":weight)", text runs.
 ATTENTION = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
-EDITING = re.compile(r"(?<!\\)\[[^\[\]]*[:|][^\[\]]*(?<!\\)\]")  # the web UI's [a:b:0.5] and [a|b]
+# The web UI's prompt editing [a:b:0.5] / [a:0.5] and alternation [a|b] (not (a:1.2) inside [ ]).
+EDITING = re.compile(r"(?<!\\)\[[^\[\]()]*:\s*[+-]?[.\d]+\s*\]|(?<!\\)\[[^\[\]]*\|[^\[\]]*\]")
 
 
 def parse_weights(text: str) -> list[tuple]:

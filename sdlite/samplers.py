@@ -45,9 +45,10 @@ def _rescale(x: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor) 
 # ---------------------------------------------------------------------------------------- samplers
 
 
-# The Euler samplers step in fp32 and cast the latent back, as diffusers' Euler schedulers do: at
-# zero terminal SNR the first sigma is 4096, and x - D cancels in fp16 (the bundled model's fp16
-# Euler image was 105/255 off its fp32 image; 3/255 with the step in fp32). fp32 runs are unchanged.
+# The Euler samplers step in fp32 and cast the latent back, as diffusers' Euler schedulers do (D
+# itself comes in the network's dtype here): at zero terminal SNR the first sigma is 4096, and x - D
+# cancels in fp16 (the bundled model's fp16 Euler image was 105/255 off its fp32 image; 3/255 with
+# the step in fp32). fp32 runs are unchanged.
 
 
 def sample_euler(model, x, sigmas, *, generator=None) -> Iterator[torch.Tensor]:

@@ -60,14 +60,15 @@ _ONLY = {
     "timestep_type": (("discrete", None), "only discrete timesteps are implemented"),
     "sigma_min": ((None,), "a custom sigma_min is not implemented"),
     "sigma_max": ((None,), "a custom sigma_max is not implemented"),
-    "variance_type": ((None,), "learned variance is not implemented"),
+    "variance_type": ((None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
+                      "learned variance is not implemented"),
     "lambda_min_clipped": ((-math.inf, None), "lambda_min_clipped is not implemented"),
 }
 # Of those, DPMSolverMultistepScheduler's own settings: other classes use some of the same names for
-# theirs (UniPC's solver_type "bh2", DEIS's algorithm_type "deis", DDPM's variance_type
-# "fixed_small"), which no sdlite sampler reads, so there they are not checked.
+# theirs (UniPC's solver_type "bh2", DEIS's algorithm_type "deis"), which no sdlite sampler reads,
+# so there they are not checked.
 DPM_SOLVER_KEYS = {"algorithm_type", "solver_order", "solver_type", "final_sigmas_type", "euler_at_final",
-                   "lambda_min_clipped", "use_lu_lambdas", "variance_type"}
+                   "lambda_min_clipped", "use_lu_lambdas"}
 
 
 @dataclass(frozen=True)

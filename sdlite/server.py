@@ -183,6 +183,10 @@ class Server:
             width = sd.default_size[1] if r.width is None else r.width
             height = sd.default_size[0] if r.height is None else r.height
         self.check_size(width, height)
+        try:
+            sd.check_memory(height, width)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
         if sampler is None:
             sampler = r.sampler_name if r.sampler_name is not None else r.sampler_index
         sampler = self.sampler(sampler, r.scheduler)
@@ -553,9 +557,11 @@ def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to host:port, for `serve`: taken before the model loads, so that a port in use
     fails at once, with a one-line OSError."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if sys.platform != "win32":  # there it would let a second server take the same port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen()  # held: a second server on this port fails at once too
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
@@ -574,6 +580,7 @@ def serve(sd, host: str = "127.0.0.1", port: int = 7860, options: ServerOptions 
     if is_loopback(host):  # against DNS rebinding: a web page whose name now points here gets 400
         names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted(names))
+    port = sock.getsockname()[1]  # the one the system chose for port 0
     print(f"sdlite: serving {sd.name} at http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)
     uvicorn_server(app, log_level="warning", timeout_graceful_shutdown=5).run(sockets=[sock])
 
@@ -581,7 +588,8 @@ def serve(sd, host: str = "127.0.0.1", port: int = 7860, options: ServerOptions 
 def uvicorn_server(app: FastAPI, **config):
     """A uvicorn server for `app` (from `create_app`) that closes the job queue first when it shuts
     down, so the requests waiting for jobs get their 503 before the connections close (uvicorn
-    would cut them off with a bare 500 after its grace period)."""
+    would cut them off with a bare 500 after its grace period); a job still in a step when the
+    queue's timeout ends is cut off."""
     import uvicorn
 
     class Server(uvicorn.Server):

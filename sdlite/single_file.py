@@ -300,11 +300,11 @@ def save_single_file(folder: str | Path, out: str | Path, allow_pickle: bool = F
     if any((folder / c / RECIPE_NAME).is_file() for c in components):
         raise CheckpointError(f"{folder} is palettized (sdlite compress); convert the original model")
     configs = {c: read_json(folder / c / "config.json") for c in components}
-    for c in components:  # a single file has no tokenizer: its readers take CLIP's
-        text = configs[c]
-        if c.startswith("text_encoder") and (text.get("max_position_embeddings"), text.get("vocab_size")) != (77, 49408):
-            raise CheckpointError(f"{folder}: its {c} takes {text.get('max_position_embeddings')} tokens of a "
-                                  f"{text.get('vocab_size')}-token vocabulary, but a single file carries no tokenizer "
+    for c in (c for c in components if c.startswith("text_encoder")):  # a single file has no tokenizer:
+        text = CLIPConfig.from_json(configs[c])  # its readers take CLIP's
+        if (text.max_position_embeddings, text.vocab_size) != (77, 49408):
+            raise CheckpointError(f"{folder}: its {c} takes {text.max_position_embeddings} tokens of a "
+                                  f"{text.vocab_size}-token vocabulary, but a single file carries no tokenizer "
                                   "and is read with CLIP's (77 tokens of 49408): keep this model as a folder")
     weights = {}
     for c in components:

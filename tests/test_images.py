@@ -152,3 +152,5 @@ def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
     assert upright.shape == (16, 8, 3)  # 8 wide, 16 high
     assert upright[2, 4, 0] > 200 and upright[2, 4, 2] < 60  # the left half is now the top half
     assert upright[13, 4, 2] > 200 and upright[13, 4, 0] < 60
+    stored.save(tmp_path / "damaged.png", exif=b"garbage!!")  # an EXIF block that is not one
+    assert images.load_image(tmp_path / "damaged.png").size == (16, 8)  # as stored

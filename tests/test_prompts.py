@@ -33,7 +33,8 @@ def test_emphasis_rules(text, expected):
 def test_prompt_editing_and_alternation_warn(text, recwarn):
     with pytest.warns(UserWarning, match="not supported"):
         parse_weights(text)
-    parse_weights(r"a \[cat:dog\] and (cat:1.2) [dog]")  # escaped brackets and plain emphasis: no warning
+    for plain in (r"a \[cat:dog:0.5\] and (cat:1.2) [dog]", "[(cat:1.2)]", "[red, (blue:1.3)]"):
+        parse_weights(plain)  # escaped brackets and emphasis, weights inside [ ] too: no warning
     assert not [w for w in recwarn if "editing" in str(w.message)]
 
 

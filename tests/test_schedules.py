@@ -46,6 +46,7 @@ def test_from_json_reads_known_keys_and_ignores_others():
         dict(solver_order=3),
         dict(final_sigmas_type="sigma_min"),
         dict(use_exponential_sigmas=True),
+        dict(variance_type="learned_range", _class_name="DDPMScheduler"),  # a UNet with variance channels
     ],
 )
 def test_from_json_rejects_unsupported_values(bad):

@@ -356,6 +356,14 @@ def test_requests_waiting_when_the_server_shuts_down_get_503(sd):
     assert set(answers) == {"running", "waiting"}
 
 
+def test_a_size_too_large_for_the_device_is_a_400(url, monkeypatch):
+    import sdlite.pipeline
+
+    monkeypatch.setattr(sdlite.pipeline, "device_memory", lambda device: 2**10)
+    status, _, answer = call(f"{url}/sdapi/v1/txt2img", {"prompt": "x", "steps": 2})
+    assert status == 400 and "too large for this device" in answer["error"]["message"]
+
+
 BAD_REQUESTS = [
     ("txt2img", {"width": 65}, 400, "width must be a multiple of 8"),
     ("txt2img", {"height": 4096}, 400, "height must be a multiple of 8 in [8, 1024]"),
@@ -488,6 +496,12 @@ def test_serve_command(model_path, tmp_path):
     usage = subprocess.run([sys.executable, "-m", "sdlite", "serve", "--port", "http"], env=env,
                            capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and "--port" in usage.stderr
+    from sdlite.server import listening_socket
+
+    held = listening_socket("127.0.0.1", 0)  # held from the start: a second server cannot take it
+    with pytest.raises(OSError, match="cannot listen on 127.0.0.1"):
+        listening_socket("127.0.0.1", held.getsockname()[1])
+    held.close()
     with socket.socket() as taken:  # a port in use: one line, before the model loads
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -266,6 +266,17 @@ def test_convert_keeps_the_prediction_type_and_zero_snr_as_marker_keys(family_mo
     assert not {"v_pred", "ztsnr"} & set(load_file(tmp_path / "eps.safetensors"))
 
 
+def test_convert_reads_text_encoder_configs_as_the_loader_does(family_model, tmp_path):
+    """Keys left out of a config take CLIP's defaults (77 positions, 49408 tokens), as when loading."""
+    folder = tmp_path / "sd1"
+    shutil.copytree(family_model("sd1")[0], folder)
+    path = folder / "text_encoder" / "config.json"
+    config = json.loads(path.read_text())
+    del config["vocab_size"], config["max_position_embeddings"]
+    path.write_text(json.dumps(config))
+    assert save_single_file(folder, tmp_path / "sd1.safetensors") == "sd1"
+
+
 def test_convert_refuses_a_model_whose_text_needs_its_own_tokenizer(tmp_path):
     """The bundled model reads 16 tokens of its own small vocabulary; a single file would lose it."""
     from sdlite.pipeline import BUNDLED_MODEL
