@@ -323,7 +323,6 @@ class StableDiffusion:
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < smallest or value % 8:
                 raise ValueError(f"{name} must be a multiple of 8, at least {smallest}; got {value!r}")
-        self.check_memory(height, width)
         return height // factor, width // factor
 
     def check_memory(self, height: int, width: int) -> None:
@@ -400,6 +399,7 @@ class StableDiffusion:
         """
         latent_h, latent_w = self._latent_size(height, width)
         factor = self.vae.config.downscale_factor
+        self.check_memory(latent_h * factor, latent_w * factor)
         plan, context, cfg, generator = self._setup(prompt, negative_prompt, n_images, steps, cfg, seed, sampler, 1.0,
                                                     (latent_h * factor, latent_w * factor))
         channels = self.unet.config.in_channels

@@ -5,7 +5,6 @@ import base64
 import contextlib
 import io
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -18,11 +17,9 @@ from PIL import Image
 def running(app):
     """Serve `app` (from create_app) with uvicorn in a thread, as `sdlite serve` does; yields its
     base URL (http://127.0.0.1:PORT)."""
-    from sdlite.server import uvicorn_server
+    from sdlite.server import listening_socket, uvicorn_server
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # the kernel picks a free port; no race with other tests
+    sock = listening_socket("127.0.0.1", 0)  # the kernel picks a free port; no race with other tests
     server = uvicorn_server(app, log_level="warning", timeout_graceful_shutdown=2)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
