@@ -29,7 +29,10 @@ classifier-free guidance, i.e. the UNet runs on a batch of 2):
     end to end      the whole text-to-image call (tokenising to PIL image)
     spawn to first image  cold start, then that call: what a one-shot command-line run waits
     peak RSS        the process's peak resident memory after the generation
-    GFLOP/s         UNet FLOPs per call / median step time, and its fraction of the matmul peak
+    GFLOP/s         UNet FLOPs per call / median step time, and its fraction of the matmul peak.
+                    The FLOPs are the direct computation's (all engines do the same work);
+                    sdlite's Winograd convolutions (sdlite.winograd) multiply less, so for
+                    sdlite this is an effective rate, which may pass the peak
     img/s @ n       UNet throughput for n images with CFG (a batch of 2n) per step, median of --reps
 
 Ratios are to diffusers (for times and memory below 1 is better). Results are written to

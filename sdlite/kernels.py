@@ -30,6 +30,7 @@ from .loading import cache_folder
 
 SOURCE = r"""
 #include <stdint.h>
+#include <string.h>
 
 /* out[j] = table[code j]: code j is low[j], or with `high` low[j] | (high[j] >> shift & 15) << 8.
    The table has 256 words, or 4096 with `high`; words of 2, 4 or 8 bytes. With OpenMP the loops
@@ -50,6 +51,82 @@ SOURCE = r"""
 LOOK_UP(look_up_2, uint16_t)
 LOOK_UP(look_up_4, uint32_t)
 LOOK_UP(look_up_8, uint64_t)
+
+#define CB 64  /* channels a tile is transformed in at a time (on the stack) */
+
+/* Winograd input transform: V[a*t+b][tile][c] = sum_ij BT[a][i] d[i][j] BT[b][j], d the t x t
+   patch at (ti*m - 1, tj*m - 1) of channels-last x (zero outside). */
+void winograd_input(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t sn, int64_t sh,
+                    int64_t sw, int t, int m, const float *BT, float *V)
+{
+    int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, tiles = N * th * tw;
+    #pragma omp parallel for schedule(static)
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        int64_t n = tile / (th * tw), i0 = (tile / tw) % th * m - 1, j0 = tile % tw * m - 1;
+        float d[8][8][CB], r[8][8][CB];
+        for (int64_t c0 = 0; c0 < C; c0 += CB) {
+            int cb = C - c0 < CB ? (int)(C - c0) : CB;
+            for (int i = 0; i < t; i++)
+                for (int j = 0; j < t; j++) {
+                    int64_t y = i0 + i, z = j0 + j;
+                    if (y < 0 || y >= H || z < 0 || z >= W) memset(d[i][j], 0, cb * sizeof(float));
+                    else memcpy(d[i][j], x + n * sn + y * sh + z * sw + c0, cb * sizeof(float));
+                }
+            for (int a = 0; a < t; a++)
+                for (int j = 0; j < t; j++) {
+                    float *o = r[a][j];
+                    for (int c = 0; c < cb; c++) o[c] = 0;
+                    for (int i = 0; i < t; i++) {
+                        float f = BT[a * t + i];
+                        if (f != 0) for (int c = 0; c < cb; c++) o[c] += f * d[i][j][c];
+                    }
+                }
+            for (int a = 0; a < t; a++)
+                for (int b = 0; b < t; b++) {
+                    float *o = V + ((int64_t)(a * t + b) * tiles + tile) * C + c0;
+                    for (int c = 0; c < cb; c++) o[c] = 0;
+                    for (int j = 0; j < t; j++) {
+                        float f = BT[b * t + j];
+                        if (f != 0) for (int c = 0; c < cb; c++) o[c] += f * r[a][j][c];
+                    }
+                }
+        }
+    }
+}
+/* Winograd output transform: y[ti*m+p][tj*m+q][k] = bias[k] + sum_ab AT[p][a] M[a*t+b][tile][k] AT[q][b],
+   y channels-last (N, H, W, K) contiguous; outputs past H, W dropped. */
+void winograd_output(const float *const *M, const float *bias, int64_t N, int64_t H, int64_t W, int64_t K,
+                     int t, int m, const float *AT, float *y)
+{
+    int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, tiles = N * th * tw;
+    #pragma omp parallel for schedule(static)
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        int64_t n = tile / (th * tw), i0 = (tile / tw) % th * m, j0 = tile % tw * m;
+        float r[8][8][CB];
+        for (int64_t k0 = 0; k0 < K; k0 += CB) {
+            int kb = K - k0 < CB ? (int)(K - k0) : CB;
+            for (int p = 0; p < m; p++)
+                for (int b = 0; b < t; b++) {
+                    float *o = r[p][b];
+                    for (int k = 0; k < kb; k++) o[k] = 0;
+                    for (int a = 0; a < t; a++) {
+                        float f = AT[p * t + a];
+                        const float *s = M[a * t + b] + tile * K + k0;
+                        if (f != 0) for (int k = 0; k < kb; k++) o[k] += f * s[k];
+                    }
+                }
+            for (int p = 0; p < m && i0 + p < H; p++)
+                for (int q = 0; q < m && j0 + q < W; q++) {
+                    float *o = y + ((n * H + i0 + p) * W + j0 + q) * K + k0;
+                    for (int k = 0; k < kb; k++) o[k] = bias ? bias[k0 + k] : 0;
+                    for (int b = 0; b < t; b++) {
+                        float f = AT[q * t + b];
+                        if (f != 0) for (int k = 0; k < kb; k++) o[k] += f * r[p][b][k];
+                    }
+                }
+        }
+    }
+}
 """
 # Without OpenMP (clang without libomp) the loops run on the calling thread.
 FLAGS = (["-O3", "-shared", "-fPIC", "-fopenmp"], ["-O3", "-shared", "-fPIC"])
@@ -85,9 +162,11 @@ def build():
         warnings.warn(f"sdlite's C kernels could not be built with {compiler} ({detail}); "
                       "torch ops are used instead (slower)", stacklevel=3)
         return None
+    pointer, int64, int32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for size in WORD_BYTES:
-        getattr(lib, f"look_up_{size}").argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        getattr(lib, f"look_up_{size}").argtypes = [pointer, pointer, int32, pointer, pointer, int64]
+    lib.winograd_input.argtypes = [pointer, *[int64] * 7, int32, int32, pointer, pointer]
+    lib.winograd_output.argtypes = [pointer, pointer, *[int64] * 4, int32, int32, pointer, pointer]
     return lib
 
 
@@ -132,6 +211,43 @@ def look_up(low: torch.Tensor, high: torch.Tensor | None, shift: int, table: tor
     getattr(lib, f"look_up_{size}")(low.data_ptr(), 0 if high is None else high.data_ptr(), shift,
                                     table.data_ptr(), out.data_ptr(), n)
     return True
+
+
+def winograd_input(x: torch.Tensor, m: int, BT: torch.Tensor) -> torch.Tensor | None:
+    """The Winograd input transform as in `SOURCE`: for channels-last CPU fp32 `x` (N, C, H, W),
+    the (t*t, tiles, C) products BT d BT^T of its t x t tiles d (t = m + 2, zero-padded by one,
+    tile origins m apart, tiles in (n, row, column) order); None where no library is built."""
+    lib = library()
+    if lib is None:
+        return None
+    N, C, H, W = x.shape
+    t = m + 2
+    sn, sc, sh, sw = x.stride()
+    if sc != 1 or BT.shape != (t, t) or not BT.is_contiguous() or x.dtype != torch.float32 or BT.dtype != torch.float32:
+        raise ValueError("winograd_input takes channels-last fp32 inputs and a contiguous t x t matrix")
+    V = torch.empty(t * t, N * -(-H // m) * -(-W // m), C)
+    lib.winograd_input(x.data_ptr(), N, H, W, C, sn, sh, sw, t, m, BT.data_ptr(), V.data_ptr())
+    return V
+
+
+def winograd_output(products: list[torch.Tensor], bias: torch.Tensor | None, size: tuple[int, int, int],
+                    AT: torch.Tensor) -> torch.Tensor:
+    """The Winograd output transform as in `SOURCE`: from the t*t (tiles, K) `products` of
+    `winograd_input`'s tiles, the (N, K, H, W) channels-last output (N, H, W = `size`), AT
+    products AT^T plus `bias`. Takes the library `winograd_input` found."""
+    m, t = AT.shape
+    N, H, W = size
+    K = products[0].shape[1]
+    tiles = N * -(-H // m) * -(-W // m)
+    if (len(products) != t * t or not AT.is_contiguous() or AT.dtype != torch.float32
+            or any(p.shape != (tiles, K) or not p.is_contiguous() or p.dtype != torch.float32 for p in products)
+            or (bias is not None and (bias.shape != (K,) or not bias.is_contiguous() or bias.dtype != torch.float32))):
+        raise ValueError("winograd_output takes t*t contiguous fp32 (tiles, K) products, an m x t matrix and K biases")
+    y = torch.empty(N, H, W, K)
+    pointers = (ctypes.c_void_p * (t * t))(*[p.data_ptr() for p in products])
+    library().winograd_output(pointers, 0 if bias is None else bias.data_ptr(), N, H, W, K, t, m,
+                              AT.data_ptr(), y.data_ptr())
+    return y.permute(0, 3, 1, 2)
 
 
 _library = None  # None: not built yet; False: no compiler, or building failed

@@ -8,9 +8,9 @@ Convolutions run on prepacked weights as well, and their activations stay channe
 one to the next, which oneDNN takes without re-laying them out: an SD 2.1 UNet call at 256 px
 took 1.46 against 1.51 s (Intel Xeon, in-process A/B), for 0.2 s more in the first call. (Packed
 convolutions whose outputs were copied back to NCHW had been slower on an AMD EPYC.) The VAE
-keeps plain ones (`Conv2d.prepack`; sdlite.vae says why). 3x3
-convolutions on inputs of at most `SMALL_INPUT` pixels (the UNet's lowest levels) run as one
-GEMM instead (`Conv2d`)."""
+keeps plain ones (`Conv2d.prepack`; sdlite.vae says why). Most 3x3 convolutions run neither
+way: on inputs at least 8 pixels a side they use Winograd's algorithm (`sdlite.winograd`), on
+smaller ones (the UNet's lowest level) one GEMM (`Conv2d`)."""
 
 import math
 import weakref
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import winograd
 from .memory import Slices, release_pages
 
 
@@ -50,9 +51,10 @@ def runs_on_onednn(*tensors: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
-def onednn_weight(layer: nn.Module, x: torch.Tensor, pack) -> torch.Tensor | None:
+def onednn_weight(layer: nn.Module, x: torch.Tensor, pack, form=None):
     """The weight oneDNN takes for `layer`'s call on input `x`: `pack(weight)`, kept; or None
     where oneDNN does not apply (autograd, non-CPU, non-fp32, no oneDNN, tracing or compiling).
+    `form` names what `pack` makes, where a layer has more than one (`Conv2d`): one is kept.
 
     A parameter's prepacked copy is kept and made again when the parameter is replaced or its
     version counter moves (in-place changes, but not through `.data`; an inference tensor has none). A
@@ -66,9 +68,9 @@ def onednn_weight(layer: nn.Module, x: torch.Tensor, pack) -> torch.Tensor | Non
     if layer._parameters.get("weight") is not w:
         return w
     try:
-        key = (w.data_ptr(), w._version)
+        key = (w.data_ptr(), w._version, form)
     except RuntimeError:  # an inference tensor has no version counter
-        key = (w.data_ptr(), None)
+        key = (w.data_ptr(), None, form)
     # (weak reference to the weight, its key, packed weight, the weight's storage); not a buffer,
     # so no state_dict entry. The weight must be the same tensor, at the same address, unmodified.
     # Holding the storage keeps its address from going to another tensor while the copy is kept:
@@ -92,8 +94,11 @@ class Conv2d(nn.Conv2d):
     channels (large palettized weights kept at rest, `sdlite.memory`): the slices' convolutions,
     concatenated.
 
-    For CPU fp32 inference, a 3x3 convolution (stride 1, zero padding 1) on an input of at most
-    `SMALL_INPUT` pixels runs as one oneDNN GEMM of the input's 3x3 patches by the weight
+    For CPU fp32 inference, a 3x3 convolution (stride 1, zero padding 1) on an input at least 8
+    pixels a side runs with Winograd's algorithm (`sdlite.winograd`: 2.2-4x fewer multiplications)
+    on weights transformed at its first call and kept, unless `winograd` is False or the weight is
+    materialised per call (kept at rest). Otherwise, on an input of at most
+    `SMALL_INPUT` pixels it runs as one oneDNN GEMM of the input's 3x3 patches by the weight
     viewed as a matrix. On small inputs oneDNN's direct convolution spends its time laying out
     the weight: SD 2.1's 1280-channel convolutions at batch 2 took 3.9 against 7.8 ms on 4x4
     inputs and 12.9 against 16.5 ms on 8x8; on 16x16 the GEMM was 1.6x slower. (Prepacking the
@@ -105,6 +110,7 @@ class Conv2d(nn.Conv2d):
 
     takes_slices = True
     prepack = True  # False: plain NCHW convolutions (the VAE's, run once per image)
+    winograd = True  # False: no Winograd (`direct_convolutions`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -112,6 +118,13 @@ class Conv2d(nn.Conv2d):
             x = x.contiguous()  # NCHW, as for other weights materialised per call (below)
             return torch.cat([self._conv_forward(x, part, None if b is None else b[start:stop])
                               for start, stop, part in w], dim=1)
+        tiling = winograd.tiling(self, x) if self.winograd and runs_on_onednn(x, w) else None
+        if tiling is not None and not self.prepack:  # weights used once: transformed for this call only
+            return winograd.conv(x, winograd.transform_weight(w, tiling, pack=False), b, tiling)
+        if tiling is not None:
+            weights = onednn_weight(self, x, lambda w: winograd.transform_weight(w, tiling), form=tiling)
+            if weights is not w:  # not materialised for this call: transformed once, kept
+                return winograd.conv(x, weights, b, tiling)
         if self.runs_as_gemm(x):
             B, C, H, W = x.shape
             # The 3x3 patches gathered in one copy straight into the GEMM's (B*H*W, C*9) rows, in
@@ -138,6 +151,15 @@ class Conv2d(nn.Conv2d):
         return (x.dim() == 4 and x.shape[-2] * x.shape[-1] <= SMALL_INPUT and runs_on_onednn(x, self.weight)
                 and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros")
+
+
+def direct_convolutions(network: nn.Module) -> nn.Module:
+    """`network` with its convolutions kept off Winograd's algorithm, whose transformed weights
+    take 1.8-4x the memory of the weights (low-memory mode)."""
+    for module in network.modules():
+        if isinstance(module, Conv2d):
+            module.winograd = False
+    return network
 
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}

@@ -22,7 +22,7 @@ from PIL import Image
 from .clip import CLIPTextModel
 from .config import CLIPConfig, UNetConfig, VAEConfig
 from .graphs import CUDAGraphs
-from .layers import ProjectedContext
+from .layers import ProjectedContext, direct_convolutions
 from .loading import CheckpointError, load_component, load_network, read_json
 from .memory import (OnDemand, decode_tiled, device_memory, keep_at_rest, network_device, network_dtype,
                      release_weights, set_malloc_policy, trim_heap, using)
@@ -131,8 +131,9 @@ class StableDiffusion:
         the CPU. `low_memory` loads the text encoder only to encode and the VAE only to decode (in
         tiles of `vae_tile_size` latents). Palettized folders (`sdlite compress`) rebuild each
         weight just before use (`palettized_mode="jit"`) or unpack them all at load ("fast").
-        Low-memory mode also runs the UNet's feed-forward layers over 1,024 tokens at a time
-        (`sdlite.unet.chunk_feed_forward`) and gives the heap's free memory back to the system
+        Low-memory mode also keeps convolutions off Winograd's algorithm, whose transformed weights
+        are 1.8-4x larger (`sdlite.winograd`), runs the UNet's feed-forward layers over 1,024 tokens
+        at a time (`sdlite.unet.chunk_feed_forward`) and gives the heap's free memory back to the system
         after each VAE tile, around each on-demand network and, for a UNet whose weights are kept
         at rest (palettized jit, fp16 at rest), after its mid block and each of its up blocks
         (`sdlite.memory.trim_heap`).
@@ -160,10 +161,11 @@ class StableDiffusion:
 
         def held(component, network_class, config, dtype, compute, on_demand=False):
             """The network, or with `on_demand` (low_memory) a loader called at each use."""
-            if on_demand:
-                return OnDemand(lambda: source.load(component, network_class, config, dtype, compute), config, compute,
-                                device)
-            return source.load(component, network_class, config, dtype, compute)
+            def load():
+                network = source.load(component, network_class, config, dtype, compute)
+                return direct_convolutions(network) if low_memory else network
+
+            return OnDemand(load, config, compute, device) if on_demand else load()
 
         text_config = CLIPConfig.from_json(configs["text_encoder"])
         text_encoder = held("text_encoder", CLIPTextModel, text_config, dtype, compute_dtype, low_memory)

@@ -193,6 +193,31 @@ def test_unet_and_vae_with_long_attention_on_onednn(components, monkeypatch):
         assert calls
 
 
+def test_unet_and_vae_with_winograd_convolutions(components, monkeypatch):
+    """sdlite.winograd runs 3x3 convolutions of at least `MIN_CHANNELS` channels on inputs at
+    least 8 pixels a side; the tiny models are narrower, so the threshold comes down to 16 here.
+    The UNet at 32x32 latents and the VAE decoding 8x8 ones take both tilings."""
+    from sdlite import kernels, winograd
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler builds sdlite's kernels here")
+    calls = []
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 16)
+    conv = winograd.conv
+    monkeypatch.setattr(winograd, "conv", lambda x, w, b, tiling: calls.append(tiling) or conv(x, w, b, tiling))
+    unet, vae = components["unet"], components["vae"]
+    ours = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(unet.config)), unet.state_dict())
+    ours_vae = build_ours(AutoencoderKL, VAEConfig.from_json(dict(vae.config)), vae.state_dict())
+    x, ctx = unet_inputs(2, 32, 32, CROSS_ATTENTION_DIM)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(ours(x, 500, ctx), unet(x, 500, ctx).sample)
+        assert set(calls) == {winograd.F2, winograd.F4}
+        calls.clear()
+        assert_close(ours_vae.decode(z), vae.decode(z).sample)
+        assert set(calls) == {winograd.F2, winograd.F4}
+
+
 def test_networks_trace_whole_for_torch_compile(components):
     """torch.compile sees each network as one graph: no graph break where sdlite picks its CPU
     kernels (`runs_on_onednn` answers before asking oneDNN, which dynamo does not trace)."""

@@ -1,0 +1,106 @@
+"""Winograd's minimal filtering (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+Networks", 2016) for 3x3 convolutions in CPU fp32 inference.
+
+F(m x m, 3 x 3) computes an m x m block of outputs from a t x t tile of input (t = m + 2) as t*t
+independent products: each transformed tile times the transformed weight, which over all tiles of
+an image is one GEMM per position in the tile. F(4x4, 3x3) multiplies 36 times for 16 outputs
+where the direct convolution multiplies 144 times (4x fewer); F(2x2, 3x3) 16 for 4 (2.25x
+fewer). The transforms are additions (sdlite.kernels, one pass over the input and one over the
+output), cheap beside the GEMMs, which run on oneDNN.
+
+Rounding: F(2x2) was at least as accurate as oneDNN's direct convolution (largest error to an
+fp64 convolution 2-3e-6 against 2-7e-6 on random 320-2560-channel layers), F(4x4) about ten times
+less so (4-7e-5), still far below what an 8-bit image shows.
+
+Which, measured on 2 threads of an AMD EPYC (ms a call at batch 2, direct / F(2x2) / F(4x4)):
+320 channels at 32 x 32, 15.8 / 10.1 / 7.2; 640 at 16 x 16, 16.0 / 10.5 / 7.6; 1280 at 8 x 8,
+25.6 / 10.0 / 10.4; 1280 at 4 x 4, 7.9 / 4.0 / 10.1. The transformed weights take 16/9 (F(2x2))
+or 36/9 (F(4x4)) of the weight's memory, and making them is most of a first call, so the choice
+weighs that too. Whole SD 2.1 UNet calls at 256 px (first call, later calls, peak RSS; one process
+each): direct 3.40 s, 1.95 s, 3.9 GB; F(4x4) from 32 pixels a side and F(2x2) from 8 (`F4_SIDE`,
+`F2_SIDE`) 4.19 s, 1.51 s, 4.8 GB; F(4x4) from 16, 4.48 s, 1.49 s, 5.3 GB; also F(2x2) at 4x4,
+9.38 s, 1.45 s, 6.1 GB. Layers under `MIN_CHANNELS` in or out stay direct: 64 channels at
+64 x 64 took 1.4 / 1.6 / 1.8 ms, 128 at 16 x 16 0.4 / 0.5 / 0.8 (batch 1), but 128 at 128 x 128
+20.9 / 17.2 / 13.7. A network whose weights are used once per image (the VAE,
+`sdlite.layers.Conv2d.prepack` False) transforms them in each call and keeps nothing: SD 2.1's
+VAE decoded 256 px in 1.78 against 3.05 s, for 157 MB more peak RSS.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """F(m x m, 3 x 3): input transform BT (t x t), weight transform G (t x 3), output transform
+    AT (m x t)."""
+
+    m: int
+    BT: tuple
+    G: tuple
+    AT: tuple
+
+    def matrix(self, name: str) -> torch.Tensor:
+        return torch.tensor(getattr(self, name), dtype=torch.float64)
+
+
+F2 = Tiling(2, BT=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+            G=((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+            AT=((1, 1, 1, 0), (0, 1, -1, -1)))
+F4 = Tiling(4, BT=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+                   (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+            G=((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+               (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+            AT=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)))
+MIN_CHANNELS = 128
+F4_SIDE, F2_SIDE = 32, 8  # F(4x4) on inputs at least this many pixels a side, F(2x2) from 8
+
+
+def tiling(conv: torch.nn.Conv2d, x: torch.Tensor) -> Tiling | None:
+    """The tiling `conv`'s call on `x` runs with, or None: a 3x3 convolution, stride 1, zero padding
+    1, at least `MIN_CHANNELS` in and out, on an input at least `F2_SIDE` pixels a side, with
+    the C kernels built. (CPU fp32 inference is the caller's to check: `sdlite.layers.runs_on_onednn`.)"""
+    if not (x.dim() == 4 and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS):
+        return None
+    side = min(x.shape[-2:])
+    if side < F2_SIDE or kernels.library() is None:
+        return None
+    return F4 if side >= F4_SIDE else F2
+
+
+def transform_weight(weight: torch.Tensor, tiling: Tiling, pack: bool = True) -> list[torch.Tensor]:
+    """The t*t transformed weights G w G^T of a (K, C, 3, 3) weight, (K, C) matrices for oneDNN's
+    GEMM, prepacked unless `pack` is False (weights used once: the GEMM lays them out itself)."""
+    K, C = weight.shape[:2]
+    t = tiling.m + 2
+    G = tiling.matrix("G")
+    # kron(G, G) (t*t, 9) times the 9 taps of each (k, c): (t*t, K*C)
+    products = torch.kron(G, G).float() @ weight.reshape(K * C, 9).t()
+    matrices = [p.view(K, C) for p in products.unbind()]
+    return [torch.ops.mkldnn._reorder_linear_weight(m, None) for m in matrices] if pack else matrices
+
+
+def conv(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, tiling: Tiling) -> torch.Tensor:
+    """The 3x3 convolution (stride 1, zero padding 1) of `x` (N, C, H, W) by `transform_weight`'s
+    weights: channels-last (N, K, H, W)."""
+    N, _, H, W = x.shape
+    x = x.contiguous(memory_format=torch.channels_last)
+    tiles = kernels.winograd_input(x, tiling.m, _float(tiling, "BT"))
+    products = [torch.ops.mkldnn._linear_pointwise(v, w, None, "none", [], "") for v, w in zip(tiles, weights)]
+    return kernels.winograd_output(products, bias, (N, H, W), _float(tiling, "AT"))
+
+
+_matrices = {}
+
+
+def _float(tiling: Tiling, name: str) -> torch.Tensor:
+    """The fp32 transform matrix `name` of `tiling`, made once."""
+    key = (tiling.m, name)
+    if key not in _matrices:
+        _matrices[key] = tiling.matrix(name).float()
+    return _matrices[key]
