@@ -19,7 +19,10 @@ or 36/9 (F(4x4)) of the weight's memory, and making them is most of a first call
 weighs that too. Whole SD 2.1 UNet calls at 256 px (first call, later calls, peak RSS; one process
 each): direct 3.40 s, 1.95 s, 3.9 GB; F(4x4) from 32 pixels a side and F(2x2) from 8 (`F4_SIDE`,
 `F2_SIDE`) 4.19 s, 1.51 s, 4.8 GB; F(4x4) from 16, 4.48 s, 1.49 s, 5.3 GB; also F(2x2) at 4x4,
-9.38 s, 1.45 s, 6.1 GB. Layers under `MIN_CHANNELS` in or out stay direct: 64 channels at
+9.38 s, 1.45 s, 6.1 GB. What F(4x4) saves over F(2x2) per byte of extra weight grows with the
+input's pixels, not its channels; but its memory grows with the channels, and SDXL's 1280-channel
+layers at 1024 px (32 x 32 latents), 0.97 GB of weights, would take 3.9 GB transformed: layers of
+over `F4_MAX_WEIGHT` values take F(2x2) at any size (1.7 GB there). Layers under `MIN_CHANNELS` in or out stay direct: 64 channels at
 64 x 64 took 1.4 / 1.6 / 1.8 ms, 128 at 16 x 16 0.4 / 0.5 / 0.8 (batch 1), but 128 at 128 x 128
 20.9 / 17.2 / 13.7. A network whose weights are used once per image (the VAE,
 `sdlite.layers.Conv2d.prepack` False) transforms them in each call and keeps nothing: SD 2.1's
@@ -57,12 +60,13 @@ F4 = Tiling(4, BT=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 
             AT=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)))
 MIN_CHANNELS = 128
 F4_SIDE, F2_SIDE = 32, 8  # F(4x4) on inputs at least this many pixels a side, F(2x2) from 8
+F4_MAX_WEIGHT = 12_000_000  # values: F(4x4) only up to SD's 640-channel layers (SDXL's 1280: F(2x2))
 
 
 def tiling(conv: torch.nn.Conv2d, x: torch.Tensor) -> Tiling | None:
     """The tiling `conv`'s call on `x` runs with, or None: a 3x3 convolution, stride 1, zero padding
     1, at least `MIN_CHANNELS` in and out, on an input at least `F2_SIDE` pixels a side, with
-    the C kernels built. (CPU fp32 inference is the caller's to check: `sdlite.layers.runs_on_onednn`.)"""
+    the C kernels built; F(4x4) from `F4_SIDE` for weights of at most `F4_MAX_WEIGHT` values. (CPU fp32 inference is the caller's to check: `sdlite.layers.runs_on_onednn`.)"""
     if not (x.dim() == 4 and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS):
@@ -70,7 +74,8 @@ def tiling(conv: torch.nn.Conv2d, x: torch.Tensor) -> Tiling | None:
     side = min(x.shape[-2:])
     if side < F2_SIDE or kernels.library() is None:
         return None
-    return F4 if side >= F4_SIDE else F2
+    weights = conv.in_channels * conv.out_channels * 9
+    return F4 if side >= F4_SIDE and weights <= F4_MAX_WEIGHT else F2
 
 
 def transform_weight(weight: torch.Tensor, tiling: Tiling, pack: bool = True) -> list[torch.Tensor]:

@@ -92,6 +92,9 @@ def test_where_winograd_applies():
     assert winograd.tiling(conv, torch.empty(1, 128, 8, 40)) is winograd.F2
     assert winograd.tiling(conv, torch.empty(1, 128, 32, 32)) is winograd.F4
     assert winograd.tiling(conv, torch.empty(1, 128, 7, 40)) is None  # GEMM or direct below 8 a side
+    wide = layers.Conv2d(1280, 1280, 3, padding=1, device="meta")  # F(4x4) would quadruple 59 MB
+    assert winograd.tiling(wide, torch.empty(1, 1280, 32, 32)) is winograd.F2
+    assert winograd.tiling(layers.Conv2d(1920, 640, 3, padding=1, device="meta"), torch.empty(1, 1920, 32, 32)) is winograd.F4
     for other in (layers.Conv2d(128, 128, 3, stride=2, padding=1), layers.Conv2d(128, 128, 1),
                   layers.Conv2d(128, 128, 3), layers.Conv2d(4, 128, 3, padding=1), layers.Conv2d(128, 64, 3, padding=1)):
         assert winograd.tiling(other, torch.empty(1, other.in_channels, 32, 32)) is None
