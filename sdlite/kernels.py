@@ -61,15 +61,16 @@ LOOK_UP(look_up_8, uint64_t)
 
 #define CB 64  /* channels a tile is transformed in at a time (on the stack) */
 
-/* Winograd input transform: V[a*t+b][tile][c] = sum_ij BT[a][i] d[i][j] BT[b][j], d the t x t
-   patch at (ti*m - 1, tj*m - 1) of channels-last x (zero outside). */
+/* Winograd input transform of tiles first .. first + count - 1 (t <= 8):
+   V[a*t+b][i][c] = sum_jk BT[a][j] d[j][k] BT[b][k], d the t x t patch of tile first + i, at
+   (row*m - 1, column*m - 1) in image n of channels-last x (zero outside); tiles in (n, row, column) order. */
 void winograd_input(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t sn, int64_t sh,
-                    int64_t sw, int t, int m, const float *BT, float *V)
+                    int64_t sw, int64_t first, int64_t count, int t, int m, const float *BT, float *V)
 {
-    int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, tiles = N * th * tw;
+    int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m;
     #pragma omp parallel for schedule(static)
-    for (int64_t tile = 0; tile < tiles; tile++) {
-        int64_t n = tile / (th * tw), i0 = (tile / tw) % th * m - 1, j0 = tile % tw * m - 1;
+    for (int64_t it = 0; it < count; it++) {
+        int64_t tile = first + it, n = tile / (th * tw), i0 = (tile / tw) % th * m - 1, j0 = tile % tw * m - 1;
         float d[8][8][CB], r[8][8][CB];
         for (int64_t c0 = 0; c0 < C; c0 += CB) {
             int cb = C - c0 < CB ? (int)(C - c0) : CB;
@@ -90,7 +91,7 @@ void winograd_input(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, 
                 }
             for (int a = 0; a < t; a++)
                 for (int b = 0; b < t; b++) {
-                    float *o = V + ((int64_t)(a * t + b) * tiles + tile) * C + c0;
+                    float *o = V + ((int64_t)(a * t + b) * count + it) * C + c0;
                     for (int c = 0; c < cb; c++) o[c] = 0;
                     for (int j = 0; j < t; j++) {
                         float f = BT[b * t + j];
@@ -100,15 +101,16 @@ void winograd_input(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, 
         }
     }
 }
-/* Winograd output transform: y[ti*m+p][tj*m+q][k] = bias[k] + sum_ab AT[p][a] M[a*t+b][tile][k] AT[q][b],
-   y channels-last (N, H, W, K) contiguous; outputs past H, W dropped. */
+/* Winograd output transform of tiles first .. first + count - 1 (t <= 8): at (row*m + p, column*m + q)
+   of image n, y[k] = bias[k] + sum_ab AT[p][a] M[a*t+b][i][k] AT[q][b] for tile first + i; y channels-last
+   (N, H, W, K) contiguous, outputs past H, W dropped. */
 void winograd_output(const float *const *M, const float *bias, int64_t N, int64_t H, int64_t W, int64_t K,
-                     int t, int m, const float *AT, float *y)
+                     int64_t first, int64_t count, int t, int m, const float *AT, float *y)
 {
-    int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, tiles = N * th * tw;
+    int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m;
     #pragma omp parallel for schedule(static)
-    for (int64_t tile = 0; tile < tiles; tile++) {
-        int64_t n = tile / (th * tw), i0 = (tile / tw) % th * m, j0 = tile % tw * m;
+    for (int64_t it = 0; it < count; it++) {
+        int64_t tile = first + it, n = tile / (th * tw), i0 = (tile / tw) % th * m, j0 = tile % tw * m;
         float r[8][8][CB];
         for (int64_t k0 = 0; k0 < K; k0 += CB) {
             int kb = K - k0 < CB ? (int)(K - k0) : CB;
@@ -118,7 +120,7 @@ void winograd_output(const float *const *M, const float *bias, int64_t N, int64_
                     for (int k = 0; k < kb; k++) o[k] = 0;
                     for (int a = 0; a < t; a++) {
                         float f = AT[p * t + a];
-                        const float *s = M[a * t + b] + tile * K + k0;
+                        const float *s = M[a * t + b] + it * K + k0;
                         if (f != 0) for (int k = 0; k < kb; k++) o[k] += f * s[k];
                     }
                 }
@@ -172,8 +174,8 @@ def build():
     pointer, int64, int32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for size in WORD_BYTES:
         getattr(lib, f"look_up_{size}").argtypes = [pointer, pointer, int32, pointer, pointer, int64]
-    lib.winograd_input.argtypes = [pointer, *[int64] * 7, int32, int32, pointer, pointer]
-    lib.winograd_output.argtypes = [pointer, pointer, *[int64] * 4, int32, int32, pointer, pointer]
+    lib.winograd_input.argtypes = [pointer, *[int64] * 9, int32, int32, pointer, pointer]
+    lib.winograd_output.argtypes = [pointer, pointer, *[int64] * 6, int32, int32, pointer, pointer]
     return lib
 
 
@@ -220,41 +222,49 @@ def look_up(low: torch.Tensor, high: torch.Tensor | None, shift: int, table: tor
     return True
 
 
-def winograd_input(x: torch.Tensor, m: int, BT: torch.Tensor) -> torch.Tensor | None:
+def winograd_input(x: torch.Tensor, m: int, BT: torch.Tensor, first: int, count: int) -> torch.Tensor | None:
     """The Winograd input transform as in `SOURCE`: for channels-last CPU fp32 `x` (N, C, H, W),
-    the (t*t, tiles, C) products BT d BT^T of its t x t tiles d (t = m + 2, zero-padded by one,
-    tile origins m apart, tiles in (n, row, column) order); None where no library is built."""
+    the (t*t, count, C) products BT d BT^T of its t x t tiles d `first` to `first + count - 1`
+    (t = m + 2 at most 8, zero-padded by one, tile origins m apart, tiles in (n, row, column)
+    order); None where no library is built."""
     lib = library()
     if lib is None:
         return None
     N, C, H, W = x.shape
     t = m + 2
     sn, sc, sh, sw = x.stride()
-    if sc != 1 or BT.shape != (t, t) or not BT.is_contiguous() or x.dtype != torch.float32 or BT.dtype != torch.float32:
-        raise ValueError("winograd_input takes channels-last fp32 inputs and a contiguous t x t matrix")
-    V = torch.empty(t * t, N * -(-H // m) * -(-W // m), C)
-    lib.winograd_input(x.data_ptr(), N, H, W, C, sn, sh, sw, t, m, BT.data_ptr(), V.data_ptr())
+    if (not 2 <= m <= 6 or BT.shape != (t, t) or not cpu_fp32(x, BT) or sc != 1 or not BT.is_contiguous()
+            or not 0 <= first <= first + count <= N * -(-H // m) * -(-W // m)):
+        raise ValueError("winograd_input takes a channels-last CPU fp32 input, a contiguous t x t matrix "
+                         "(t = m + 2 <= 8) and a range of its tiles")
+    V = torch.empty(t * t, count, C, dtype=torch.float32, device="cpu")
+    lib.winograd_input(x.data_ptr(), N, H, W, C, sn, sh, sw, first, count, t, m, BT.data_ptr(), V.data_ptr())
     return V
 
 
-def winograd_output(products: list[torch.Tensor], bias: torch.Tensor | None, size: tuple[int, int, int],
-                    AT: torch.Tensor) -> torch.Tensor:
-    """The Winograd output transform as in `SOURCE`: from the t*t (tiles, K) `products` of
-    `winograd_input`'s tiles, the (N, K, H, W) channels-last output (N, H, W = `size`), AT
-    products AT^T plus `bias`. Takes the library `winograd_input` found."""
+def winograd_output(products: list[torch.Tensor], bias: torch.Tensor | None, AT: torch.Tensor,
+                    out: torch.Tensor, first: int) -> None:
+    """The Winograd output transform as in `SOURCE`: the t*t (count, K) `products` of
+    `winograd_input`'s tiles `first` to `first + count - 1` transformed (AT P AT^T) into their
+    outputs in `out`, the (N, H, W, K) contiguous CPU fp32 output, plus `bias`. Takes the library
+    `winograd_input` found."""
     m, t = AT.shape
-    N, H, W = size
-    K = products[0].shape[1]
-    tiles = N * -(-H // m) * -(-W // m)
-    if (len(products) != t * t or not AT.is_contiguous() or AT.dtype != torch.float32
-            or any(p.shape != (tiles, K) or not p.is_contiguous() or p.dtype != torch.float32 for p in products)
-            or (bias is not None and (bias.shape != (K,) or not bias.is_contiguous() or bias.dtype != torch.float32))):
-        raise ValueError("winograd_output takes t*t contiguous fp32 (tiles, K) products, an m x t matrix and K biases")
-    y = torch.empty(N, H, W, K)
+    N, H, W, K = out.shape
+    count = len(products[0]) if products else 0
+    if (t != m + 2 or not 2 <= m <= 6 or len(products) != t * t or not cpu_fp32(AT, out, *products)
+            or not AT.is_contiguous() or not out.is_contiguous()
+            or any(p.shape != (count, K) or not p.is_contiguous() for p in products)
+            or not 0 <= first <= first + count <= N * -(-H // m) * -(-W // m)
+            or (bias is not None and (bias.shape != (K,) or not bias.is_contiguous() or not cpu_fp32(bias)))):
+        raise ValueError("winograd_output takes t*t contiguous CPU fp32 (tiles, K) products of a range of "
+                         "tiles, an m x (m + 2) matrix (m + 2 <= 8), a contiguous output and K biases")
     pointers = (ctypes.c_void_p * (t * t))(*[p.data_ptr() for p in products])
-    library().winograd_output(pointers, 0 if bias is None else bias.data_ptr(), N, H, W, K, t, m,
-                              AT.data_ptr(), y.data_ptr())
-    return y.permute(0, 3, 1, 2)
+    library().winograd_output(pointers, 0 if bias is None else bias.data_ptr(), N, H, W, K, first, count, t, m,
+                              AT.data_ptr(), out.data_ptr())
+
+
+def cpu_fp32(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 _library = None  # None: not built yet; False: no compiler, or building failed

@@ -9,8 +9,9 @@ one to the next, which oneDNN takes without re-laying them out: an SD 2.1 UNet c
 took 1.46 against 1.51 s (Intel Xeon, in-process A/B), for 0.2 s more in the first call. (Packed
 convolutions whose outputs were copied back to NCHW had been slower on an AMD EPYC.) The VAE
 keeps plain ones (`Conv2d.prepack`; sdlite.vae says why). Most 3x3 convolutions run neither
-way: on inputs at least 8 pixels a side they use Winograd's algorithm (`sdlite.winograd`), on
-smaller ones (the UNet's lowest level) one GEMM (`Conv2d`)."""
+way: those of at least 128 channels on inputs at least 8 pixels a side use Winograd's algorithm
+(`sdlite.winograd`; not in low-memory mode), those on the smallest inputs (the UNet's lowest
+level) one GEMM (`Conv2d`)."""
 
 import math
 import weakref
@@ -51,6 +52,12 @@ def runs_on_onednn(*tensors: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
+def layer_tensors(layer: nn.Module) -> list[torch.Tensor]:
+    """The weight and, where there is one, the bias: what `runs_on_onednn` asks about with the input
+    (a bias that autograd records keeps the layer on torch's ops)."""
+    return [layer.weight] + ([] if layer.bias is None else [layer.bias])
+
+
 def onednn_weight(layer: nn.Module, x: torch.Tensor, pack, form=None):
     """The weight oneDNN takes for `layer`'s call on input `x`: `pack(weight)`, kept; or None
     where oneDNN does not apply (autograd, non-CPU, non-fp32, no oneDNN, tracing or compiling).
@@ -63,7 +70,7 @@ def onednn_weight(layer: nn.Module, x: torch.Tensor, pack, form=None):
     2.1's linear shapes at 512 px, the weight rewritten before each call: 287 against 332 ms for
     one of each), and the copy would be used once."""
     w = layer.weight
-    if not runs_on_onednn(x, w):
+    if not runs_on_onednn(x, *layer_tensors(layer)):
         return None
     if layer._parameters.get("weight") is not w:
         return w
@@ -94,10 +101,12 @@ class Conv2d(nn.Conv2d):
     channels (large palettized weights kept at rest, `sdlite.memory`): the slices' convolutions,
     concatenated.
 
-    For CPU fp32 inference, a 3x3 convolution (stride 1, zero padding 1) on an input at least 8
-    pixels a side runs with Winograd's algorithm (`sdlite.winograd`: 2.2-4x fewer multiplications)
-    on weights transformed at its first call and kept, unless `winograd` is False or the weight is
-    materialised per call (kept at rest). Otherwise, on an input of at most
+    For CPU fp32 inference, a 3x3 convolution (stride 1, zero padding 1) of at least
+    `winograd.MIN_CHANNELS` channels on an input at least 8 pixels a side runs with Winograd's
+    algorithm (`sdlite.winograd`: 2.2-4x fewer multiplications), unless `winograd` is False. Its
+    weights are transformed at the first call and kept (the tiling chosen then is kept for other
+    sizes too); or with `prepack` False transformed in every call and dropped; a weight
+    materialised per call (kept at rest) stays direct unless `prepack` is False. Otherwise, on an input of at most
     `SMALL_INPUT` pixels it runs as one oneDNN GEMM of the input's 3x3 patches by the weight
     viewed as a matrix. On small inputs oneDNN's direct convolution spends its time laying out
     the weight: SD 2.1's 1280-channel convolutions at batch 2 took 3.9 against 7.8 ms on 4x4
@@ -118,10 +127,13 @@ class Conv2d(nn.Conv2d):
             x = x.contiguous()  # NCHW, as for other weights materialised per call (below)
             return torch.cat([self._conv_forward(x, part, None if b is None else b[start:stop])
                               for start, stop, part in w], dim=1)
-        tiling = winograd.tiling(self, x) if self.winograd and runs_on_onednn(x, w) else None
+        tiling = winograd.tiling(self, x) if self.winograd and runs_on_onednn(x, *layer_tensors(self)) else None
         if tiling is not None and not self.prepack:  # weights used once: transformed for this call only
             return winograd.conv(x, winograd.transform_weight(w, tiling, pack=False), b, tiling)
         if tiling is not None:
+            kept = self.__dict__.get("_packed")
+            if kept is not None and isinstance(kept[1][-1], winograd.Tiling):
+                tiling = kept[1][-1]  # one transformed copy a layer, whichever size comes: none made again
             weights = onednn_weight(self, x, lambda w: winograd.transform_weight(w, tiling), form=tiling)
             if weights is not w:  # not materialised for this call: transformed once, kept
                 return winograd.conv(x, weights, b, tiling)
@@ -148,7 +160,7 @@ class Conv2d(nn.Conv2d):
     def runs_as_gemm(self, x: torch.Tensor) -> bool:
         """Whether this call runs as one GEMM: CPU fp32 inference (nothing for autograd to record)
         on an input of at most `SMALL_INPUT` pixels, a 3x3 convolution, stride 1, zero padding 1."""
-        return (x.dim() == 4 and x.shape[-2] * x.shape[-1] <= SMALL_INPUT and runs_on_onednn(x, self.weight)
+        return (x.dim() == 4 and x.shape[-2] * x.shape[-1] <= SMALL_INPUT and runs_on_onednn(x, *layer_tensors(self))
                 and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros")
 

@@ -21,12 +21,14 @@ each): direct 3.40 s, 1.95 s, 3.9 GB; F(4x4) from 32 pixels a side and F(2x2) fr
 `F2_SIDE`) 4.19 s, 1.51 s, 4.8 GB; F(4x4) from 16, 4.48 s, 1.49 s, 5.3 GB; also F(2x2) at 4x4,
 9.38 s, 1.45 s, 6.1 GB. What F(4x4) saves over F(2x2) per byte of extra weight grows with the
 input's pixels, not its channels; but its memory grows with the channels, and SDXL's 1280-channel
-layers at 1024 px (32 x 32 latents), 0.97 GB of weights, would take 3.9 GB transformed: layers of
+layers at 1024 px (32 x 32 inputs there), 0.97 GB of weights, would take 3.9 GB transformed: layers of
 over `F4_MAX_WEIGHT` values take F(2x2) at any size (1.7 GB there). Layers under `MIN_CHANNELS` in or out stay direct: 64 channels at
 64 x 64 took 1.4 / 1.6 / 1.8 ms, 128 at 16 x 16 0.4 / 0.5 / 0.8 (batch 1), but 128 at 128 x 128
 20.9 / 17.2 / 13.7. A network whose weights are used once per image (the VAE,
 `sdlite.layers.Conv2d.prepack` False) transforms them in each call and keeps nothing: SD 2.1's
-VAE decoded 256 px in 1.78 against 3.05 s, for 157 MB more peak RSS.
+VAE's first decode of 256 px took 1.83 against 3.05 s (peak RSS 898 against 858 MB), of 512 px
+6.88 against 12.47 s (1,784 against 1,968 MB: the chunks of tiles, `CHUNK_BYTES`, are smaller
+than some of the direct convolution's buffers).
 """
 
 from dataclasses import dataclass
@@ -59,6 +61,7 @@ F4 = Tiling(4, BT=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 
                (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
             AT=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)))
 MIN_CHANNELS = 128
+CHUNK_BYTES = 64 << 20
 F4_SIDE, F2_SIDE = 32, 8  # F(4x4) on inputs at least this many pixels a side, F(2x2) from 8
 F4_MAX_WEIGHT = 12_000_000  # values: F(4x4) only up to SD's 640-channel layers (SDXL's 1280: F(2x2))
 
@@ -92,12 +95,23 @@ def transform_weight(weight: torch.Tensor, tiling: Tiling, pack: bool = True) ->
 
 def conv(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, tiling: Tiling) -> torch.Tensor:
     """The 3x3 convolution (stride 1, zero padding 1) of `x` (N, C, H, W) by `transform_weight`'s
-    weights: channels-last (N, K, H, W)."""
-    N, _, H, W = x.shape
+    weights: channels-last (N, K, H, W). The tiles go through in chunks whose transformed tiles
+    and products take at most `CHUNK_BYTES` each (on large images they would be 2.25-4x the input
+    and output)."""
+    N, C, H, W = x.shape
+    K = weights[0].shape[0]
     x = x.contiguous(memory_format=torch.channels_last)
-    tiles = kernels.winograd_input(x, tiling.m, _float(tiling, "BT"))
-    products = [torch.ops.mkldnn._linear_pointwise(v, w, None, "none", [], "") for v, w in zip(tiles, weights)]
-    return kernels.winograd_output(products, bias, (N, H, W), _float(tiling, "AT"))
+    m, t = tiling.m, tiling.m + 2
+    BT, AT = _float(tiling, "BT"), _float(tiling, "AT")
+    out = torch.empty(N, H, W, K, dtype=torch.float32, device="cpu")
+    tiles = N * -(-H // m) * -(-W // m)
+    chunk = max(1, CHUNK_BYTES // (t * t * max(C, K) * 4))
+    for first in range(0, tiles, chunk):
+        count = min(chunk, tiles - first)
+        products = [torch.ops.mkldnn._linear_pointwise(v, w, None, "none", [], "")
+                    for v, w in zip(kernels.winograd_input(x, m, BT, first, count), weights)]
+        kernels.winograd_output(products, bias, AT, out, first)
+    return out.permute(0, 3, 1, 2)
 
 
 _matrices = {}

@@ -30,35 +30,47 @@ def tiles_in_torch(x, m):
 def test_the_c_transforms_match_torch(tiling, size, threads):
     torch.manual_seed(0)
     m, t = tiling.m, tiling.m + 2
+    th, tw = -(-size[0] // m), -(-size[1] // m)
+    tiles = 2 * th * tw
     base = torch.randn(3, 70, *size)  # 70 channels: a block of 64 and a rest
     x = base.to(memory_format=torch.channels_last)[1:]  # not at the start of its storage
+    BT, AT = tiling.matrix("BT").float(), tiling.matrix("AT").float()
+    products = [torch.randn(tiles, 24) for _ in range(t * t)]
+    bias = torch.randn(24)
+    out = torch.full((2, *size, 24), float("nan"))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        tiles = kernels.winograd_input(x, m, winograd.F2.matrix("BT").float() if m == 2 else winograd.F4.matrix("BT").float())
-        expected = tiles_in_torch(x, m)
-        assert torch.allclose(tiles.double(), expected, atol=1e-4)
-        products = [torch.randn(tiles.shape[1], 24) for _ in range(t * t)]
-        bias = torch.randn(24)
-        y = kernels.winograd_output(products, bias, (2, *size), tiling.matrix("AT").float())
+        split = tiles // 3  # in two ranges of tiles, as `winograd.conv` chunks them
+        transformed = torch.cat([kernels.winograd_input(x, m, BT, 0, split),
+                                 kernels.winograd_input(x, m, BT, split, tiles - split)], dim=1)
+        for first, count in ((0, split), (split, tiles - split)):
+            kernels.winograd_output([p[first:first + count] for p in products], bias, AT, out, first)
     finally:
         torch.set_num_threads(before)
-    th, tw = -(-size[0] // m), -(-size[1] // m)
+    assert torch.allclose(transformed.double(), tiles_in_torch(x, m), atol=1e-4)
     P = torch.stack(products).double().view(t, t, 2, th, tw, 24)
-    full = torch.einsum("pa,abnhwk,qb->nkhpwq", tiling.matrix("AT"), P, tiling.matrix("AT"))
-    expected = full.reshape(2, 24, th * m, tw * m)[:, :, :size[0], :size[1]] + bias.double()[:, None, None]
-    assert y.shape == (2, 24, *size) and y.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(y.double(), expected, atol=1e-4)
+    full = torch.einsum("pa,abnhwk,qb->nhpwqk", tiling.matrix("AT"), P, tiling.matrix("AT"))
+    expected = full.reshape(2, th * m, tw * m, 24)[:, :size[0], :size[1]] + bias.double()
+    assert torch.allclose(out.double(), expected, atol=1e-4)  # every output written (no NaN left)
 
 
 def test_the_c_transforms_refuse_what_they_do_not_take():
     BT, AT = winograd.F2.matrix("BT").float(), winograd.F2.matrix("AT").float()
+    x = torch.randn(1, 8, 4, 4).to(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="channels-last"):
-        kernels.winograd_input(torch.randn(1, 8, 4, 4), 2, BT)  # NCHW
+        kernels.winograd_input(x.contiguous(), 2, BT, 0, 4)  # NCHW
     with pytest.raises(ValueError, match="t x t"):
-        kernels.winograd_input(torch.randn(1, 8, 4, 4).to(memory_format=torch.channels_last), 4, BT)
+        kernels.winograd_input(x, 4, BT, 0, 1)
+    with pytest.raises(ValueError, match="range"):
+        kernels.winograd_input(x, 2, BT, 2, 3)  # 4 tiles
+    with pytest.raises(ValueError, match="t x t"):
+        kernels.winograd_input(x.double(), 2, BT.double(), 0, 4)
+    out = torch.empty(1, 4, 4, 8)
     with pytest.raises(ValueError, match="products"):
-        kernels.winograd_output([torch.randn(4, 8)] * 15, None, (1, 4, 4), AT)  # 16 needed
+        kernels.winograd_output([torch.randn(4, 8)] * 15, None, AT, out, 0)  # 16 needed
+    with pytest.raises(ValueError, match="products"):
+        kernels.winograd_output([torch.randn(4, 8)] * 16, None, AT, out, 1)  # tiles 1-4 of 4
 
 
 # (in, out, size): the largest error to fp64 for random unit-scale inputs, layers initialised as torch does
@@ -85,6 +97,22 @@ def test_conv2d_runs_winograd_to_fp32_rounding(channels, size, tiling, tolerance
     with torch.no_grad():
         y = torch.cat([x, x[:1]])  # another batch size than the one it was transformed for
         assert (conv(y).double() - exact(y)).abs().max() < tolerance
+        assert conv.__dict__["_packed"][0]() is conv.weight and conv.__dict__["_packed"][1][-1] == tiling
+        other = winograd.F4 if tiling is winograd.F2 else winograd.F2
+        z = torch.randn(1, channels[0], *(32 if other is winograd.F4 else 8,) * 2)  # the other tiling's size
+        packed = conv.__dict__["_packed"][2]
+        assert (conv(z).double() - exact(z)).abs().max() < tolerance
+        assert conv.__dict__["_packed"][2] is packed  # the tiling first chosen is kept: nothing transformed again
+
+
+def test_chunks_of_tiles_give_the_whole_convolution(monkeypatch):
+    torch.manual_seed(0)
+    conv = layers.Conv2d(128, 136, 3, padding=1).eval()
+    x = torch.randn(2, 128, 13, 34)
+    with torch.no_grad():
+        whole = conv(x)
+        monkeypatch.setattr(winograd, "CHUNK_BYTES", 36 * 136 * 4 * 5)  # 5 tiles a chunk
+        assert torch.equal(conv(x), whole)
 
 
 def test_where_winograd_applies():
@@ -111,6 +139,10 @@ def test_winograd_stays_off_without_kernels_autograd_or_kept_weights(monkeypatch
     conv = layers.Conv2d(128, 128, 3, padding=1).eval()
     expected = F.conv2d(x, conv.weight, conv.bias, padding=1)
     assert torch.allclose(conv(x), expected, atol=1e-5) and not transformed(conv)  # autograd records
+    conv.weight.requires_grad_(False)
+    conv(x).sum().backward()  # only the bias is trained: still autograd's
+    assert conv.bias.grad is not None and not transformed(conv)
+    conv.weight.requires_grad_()
     with torch.no_grad():
         assert torch.allclose(layers.direct_convolutions(conv)(x), expected, atol=1e-5) and not transformed(conv)
         conv.winograd = True
