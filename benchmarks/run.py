@@ -30,7 +30,7 @@ classifier-free guidance, i.e. the UNet runs on a batch of 2):
     spawn to first image  cold start, then that call: what a one-shot command-line run waits
     peak RSS        the process's peak resident memory after the generation
     GFLOP/s         UNet FLOPs per call / median step time, and its fraction of the matmul peak.
-                    The FLOPs are the direct computation's (all engines do the same work);
+                    The FLOPs are counted once for every engine, on the network as written;
                     sdlite's Winograd convolutions (sdlite.winograd) multiply less, so for
                     sdlite this is an effective rate, which may pass the peak
     img/s @ n       UNet throughput for n images with CFG (a batch of 2n) per step, median of --reps

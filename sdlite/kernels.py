@@ -1,14 +1,16 @@
 """Native loops for work that torch only does in several passes: a few lines of C, compiled on
 first use by the system's C compiler (`$CC`, else `cc`) into ~/.cache/sdlite/kernels and loaded
 with ctypes. Where no compiler is found, `library()` is None and callers use torch ops (the
-look-ups, with the same results) or direct convolutions (instead of Winograd's, to float
-rounding); where one is found but fails, also with a warning.
+look-ups, with the same results) or the convolutions they had before (direct, or GEMMs on small
+inputs, instead of Winograd's: the same to float rounding); where one is found but fails, also
+with a warning.
 
 `look_up`: decoding palettized weights (`sdlite.palettize.decode`). torch builds each 12-bit code
 in passes over an int32 buffer and then looks it up (`index_select`); the loop here reads the
 code's two bytes and writes the looked-up values in one pass. All 280 weights of SD 2.1's 6-bit
 UNet: 0.21-0.24 against 0.63-0.74 s on two threads, so a 512 px jit step at 1.10x fp32's time
-instead of 1.17x (README, "Compression and low memory"). Built with OpenMP, the loop runs on
+instead of 1.17x (README, "Compression and low memory"; measured before fp32 convolutions ran
+Winograd's algorithm, which weights rebuilt per call do not). Built with OpenMP, the loop runs on
 torch's OpenMP threads: Python threads of its own found the other core held by those threads,
 which spin for a while after each parallel op, and gained nothing in the network.
 
@@ -169,7 +171,7 @@ def build():
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(f"sdlite's C kernels could not be built with {compiler} ({detail}); "
-                      "torch ops are used instead (slower)", stacklevel=3)
+                      "torch ops and the convolutions' plain algorithms are used instead (slower)", stacklevel=3)
         return None
     pointer, int64, int32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for size in WORD_BYTES:

@@ -9,9 +9,9 @@ one to the next, which oneDNN takes without re-laying them out: an SD 2.1 UNet c
 took 1.46 against 1.51 s (Intel Xeon, in-process A/B), for 0.2 s more in the first call. (Packed
 convolutions whose outputs were copied back to NCHW had been slower on an AMD EPYC.) The VAE
 keeps plain ones (`Conv2d.prepack`; sdlite.vae says why). Most 3x3 convolutions run neither
-way: those of at least 128 channels on inputs at least 8 pixels a side use Winograd's algorithm
-(`sdlite.winograd`; not in low-memory mode), those on the smallest inputs (the UNet's lowest
-level) one GEMM (`Conv2d`)."""
+way: those of at least 128 channels in and out on inputs at least 8 pixels a side use
+Winograd's algorithm (`sdlite.winograd`; where sdlite's C kernels are built, not in low-memory
+mode), those on inputs of at most 64 pixels below that (such as 4x4) one GEMM (`Conv2d`)."""
 
 import math
 import weakref
@@ -41,7 +41,7 @@ class Linear(nn.Linear):
 
 def runs_on_onednn(*tensors: torch.Tensor) -> bool:
     """Whether a call on `tensors` (its input and weights) may use oneDNN's own ops (packed linear
-    weights, `onednn_attention`, `Conv2d`'s GEMM), which autograd does not see through: CPU fp32
+    weights, `onednn_attention`, `Conv2d`'s GEMM and Winograd's GEMMs), which autograd does not see through: CPU fp32
     tensors, oneDNN available, nothing for autograd to record, not tracing or compiling
     (exporters and compilers see the plain ops)."""
     # Tracing and compiling are asked first: torch.compile does not trace mkldnn.is_available
@@ -102,7 +102,8 @@ class Conv2d(nn.Conv2d):
     concatenated.
 
     For CPU fp32 inference, a 3x3 convolution (stride 1, zero padding 1) of at least
-    `winograd.MIN_CHANNELS` channels on an input at least 8 pixels a side runs with Winograd's
+    `winograd.MIN_CHANNELS` channels in and out on an input at least `winograd.F2_SIDE` pixels a
+    side runs, where sdlite's C kernels are built, with Winograd's
     algorithm (`sdlite.winograd`: 2.2-4x fewer multiplications), unless `winograd` is False. Its
     weights are transformed at the first call and kept (the tiling chosen then is kept for other
     sizes too); or with `prepack` False transformed in every call and dropped; a weight
@@ -118,7 +119,7 @@ class Conv2d(nn.Conv2d):
     unless `prepack` is False."""
 
     takes_slices = True
-    prepack = True  # False: plain NCHW convolutions (the VAE's, run once per image)
+    prepack = True  # False: nothing kept packed or transformed (the VAE's, run once per image)
     winograd = True  # False: no Winograd (`direct_convolutions`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -131,8 +131,8 @@ class StableDiffusion:
         the CPU. `low_memory` loads the text encoder only to encode and the VAE only to decode (in
         tiles of `vae_tile_size` latents). Palettized folders (`sdlite compress`) rebuild each
         weight just before use (`palettized_mode="jit"`) or unpack them all at load ("fast").
-        Low-memory mode also keeps convolutions off Winograd's algorithm, whose transformed weights
-        are 1.8-4x larger (`sdlite.winograd`), runs the UNet's feed-forward layers over 1,024 tokens
+        Low-memory mode also keeps convolutions off Winograd's algorithm (`sdlite.winograd`), whose
+        transformed weights the UNet would keep at 1.8-4x its convolutions' size, runs the UNet's feed-forward layers over 1,024 tokens
         at a time (`sdlite.unet.chunk_feed_forward`) and gives the heap's free memory back to the system
         after each VAE tile, around each on-demand network and, for a UNet whose weights are kept
         at rest (palettized jit, fp16 at rest), after its mid block and each of its up blocks

@@ -1,34 +1,36 @@
-"""Winograd's minimal filtering (Lavin & Gray, "Fast Algorithms for Convolutional Neural
-Networks", 2016) for 3x3 convolutions in CPU fp32 inference.
+"""Winograd's minimal filtering (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
+2016) for 3x3 convolutions in CPU fp32 inference.
 
 F(m x m, 3 x 3) computes an m x m block of outputs from a t x t tile of input (t = m + 2) as t*t
-independent products: each transformed tile times the transformed weight, which over all tiles of
-an image is one GEMM per position in the tile. F(4x4, 3x3) multiplies 36 times for 16 outputs
+independent products: each transformed tile times the transformed weight, which over all tiles
+of an image is one GEMM per position in the tile. F(4x4, 3x3) multiplies 36 times for 16 outputs
 where the direct convolution multiplies 144 times (4x fewer); F(2x2, 3x3) 16 for 4 (2.25x
-fewer). The transforms are additions (sdlite.kernels, one pass over the input and one over the
-output), cheap beside the GEMMs, which run on oneDNN.
+fewer). The transforms are additions and small constant scalings (sdlite.kernels, one pass over
+the input and one over the output), cheap beside the GEMMs, which run on oneDNN.
 
 Rounding: F(2x2) was at least as accurate as oneDNN's direct convolution (largest error to an
-fp64 convolution 2-3e-6 against 2-7e-6 on random 320-2560-channel layers), F(4x4) about ten times
-less so (4-7e-5), still far below what an 8-bit image shows.
+fp64 convolution 2-3e-6 against 2-7e-6 on random 320-2560-channel layers), F(4x4) about ten
+times less so (4-7e-5), still far below what an 8-bit image shows.
 
-Which, measured on 2 threads of an AMD EPYC (ms a call at batch 2, direct / F(2x2) / F(4x4)):
-320 channels at 32 x 32, 15.8 / 10.1 / 7.2; 640 at 16 x 16, 16.0 / 10.5 / 7.6; 1280 at 8 x 8,
-25.6 / 10.0 / 10.4; 1280 at 4 x 4, 7.9 / 4.0 / 10.1. The transformed weights take 16/9 (F(2x2))
-or 36/9 (F(4x4)) of the weight's memory, and making them is most of a first call, so the choice
-weighs that too. Whole SD 2.1 UNet calls at 256 px (first call, later calls, peak RSS; one process
-each): direct 3.40 s, 1.95 s, 3.9 GB; F(4x4) from 32 pixels a side and F(2x2) from 8 (`F4_SIDE`,
-`F2_SIDE`) 4.19 s, 1.51 s, 4.8 GB; F(4x4) from 16, 4.48 s, 1.49 s, 5.3 GB; also F(2x2) at 4x4,
-9.38 s, 1.45 s, 6.1 GB. What F(4x4) saves over F(2x2) per byte of extra weight grows with the
-input's pixels, not its channels; but its memory grows with the channels, and SDXL's 1280-channel
-layers at 1024 px (32 x 32 inputs there), 0.97 GB of weights, would take 3.9 GB transformed: layers of
-over `F4_MAX_WEIGHT` values take F(2x2) at any size (1.7 GB there). Layers under `MIN_CHANNELS` in or out stay direct: 64 channels at
-64 x 64 took 1.4 / 1.6 / 1.8 ms, 128 at 16 x 16 0.4 / 0.5 / 0.8 (batch 1), but 128 at 128 x 128
-20.9 / 17.2 / 13.7. A network whose weights are used once per image (the VAE,
-`sdlite.layers.Conv2d.prepack` False) transforms them in each call and keeps nothing: SD 2.1's
-VAE's first decode of 256 px took 1.83 against 3.05 s (peak RSS 898 against 858 MB), of 512 px
-6.88 against 12.47 s (1,784 against 1,968 MB: the chunks of tiles, `CHUNK_BYTES`, are smaller
-than some of the direct convolution's buffers).
+Which tiling, measured on 2 threads of an AMD EPYC (ms a call at batch 2, direct / F(2x2) /
+F(4x4)): 320 channels at 32 x 32, 15.8 / 10.1 / 7.2; 640 at 16 x 16, 16.0 / 10.5 / 7.6; 1280 at
+8 x 8, 25.6 / 10.0 / 10.4; 1280 at 4 x 4, 7.9 / 4.0 / 10.1 ("direct" on 8 x 8 and 4 x 4:
+sdlite's GEMM of patches, `sdlite.layers.Conv2d`). The transformed weights take 16/9 (F(2x2)) or
+36/9 (F(4x4)) of the weight's memory, and making them is most of a first call's extra time, so
+the choice weighs that too. Whole SD 2.1 UNet calls at 256 px (first call, later calls, peak
+RSS; one process each): direct 3.40 s, 1.95 s, 3.9 GB; F(4x4) from 32 pixels a side and F(2x2)
+from 8 (`F4_SIDE`, `F2_SIDE`) 4.19 s, 1.51 s, 4.8 GB; F(4x4) from 16, 4.48 s, 1.49 s, 5.3 GB;
+also F(2x2) at 4x4, 9.38 s, 1.45 s, 6.1 GB. What F(4x4) saves over F(2x2) per byte of extra
+weight grows with the input's pixels, not its channels; but its memory grows with the channels,
+and SDXL's 1280-channel layers at 1024 px (32 x 32 inputs there), 0.97 GB of weights, would take
+3.9 GB transformed: layers of over `F4_MAX_WEIGHT` values take F(2x2) at any size (1.7 GB
+there). Layers under `MIN_CHANNELS` in or out stay direct: 64 channels at 64 x 64 took 1.4 / 1.6
+/ 1.8 ms, 128 at 16 x 16 0.4 / 0.5 / 0.8 (batch 1), but 128 at 128 x 128 20.9 / 17.2 / 13.7. A
+network whose weights are used once per image (the VAE, `sdlite.layers.Conv2d.prepack` False)
+transforms them in each call and keeps nothing: SD 2.1's VAE's first decode of 256 px took 1.83
+against 3.05 s (peak RSS 898 against 858 MB), of 512 px 6.88 against 12.47 s (1,784 against
+1,968 MB: the chunks of tiles, `CHUNK_BYTES`, are smaller than some of the direct convolution's
+buffers).
 """
 
 from dataclasses import dataclass
