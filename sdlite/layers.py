@@ -41,9 +41,9 @@ class Linear(nn.Linear):
 
 def runs_on_onednn(*tensors: torch.Tensor) -> bool:
     """Whether a call on `tensors` (its input and weights) may use oneDNN's own ops (packed linear
-    weights, `onednn_attention`, `Conv2d`'s GEMM and Winograd's GEMMs), which autograd does not see through: CPU fp32
-    tensors, oneDNN available, nothing for autograd to record, not tracing or compiling
-    (exporters and compilers see the plain ops)."""
+    weights, `onednn_attention`, `Conv2d`'s GEMM and Winograd's GEMMs), which autograd does not
+    see through: CPU fp32 tensors, oneDNN available, nothing for autograd to record, not tracing
+    or compiling (exporters and compilers see the plain ops)."""
     # Tracing and compiling are asked first: torch.compile does not trace mkldnn.is_available
     # (a graph break in every layer).
     return (not torch.jit.is_tracing() and not torch.compiler.is_compiling()
@@ -103,12 +103,12 @@ class Conv2d(nn.Conv2d):
 
     For CPU fp32 inference, a 3x3 convolution (stride 1, zero padding 1) of at least
     `winograd.MIN_CHANNELS` channels in and out on an input at least `winograd.F2_SIDE` pixels a
-    side runs, where sdlite's C kernels are built, with Winograd's
-    algorithm (`sdlite.winograd`: 2.2-4x fewer multiplications), unless `winograd` is False. Its
-    weights are transformed at the first call and kept (the tiling chosen then is kept for other
-    sizes too); or with `prepack` False transformed in every call and dropped; a weight
-    materialised per call (kept at rest) stays direct unless `prepack` is False. Otherwise, on an input of at most
-    `SMALL_INPUT` pixels it runs as one oneDNN GEMM of the input's 3x3 patches by the weight
+    side runs, where sdlite's C kernels are built, with Winograd's algorithm (`sdlite.winograd`:
+    2.2-4x fewer multiplications), unless `winograd` is False. Its weights are transformed at the
+    first call and kept (the tiling chosen then is kept for other sizes too); or with `prepack`
+    False transformed in every call and dropped; a weight materialised per call (kept at rest)
+    stays direct unless `prepack` is False. Otherwise, on an input of at most `SMALL_INPUT`
+    pixels it runs as one oneDNN GEMM of the input's 3x3 patches by the weight
     viewed as a matrix. On small inputs oneDNN's direct convolution spends its time laying out
     the weight: SD 2.1's 1280-channel convolutions at batch 2 took 3.9 against 7.8 ms on 4x4
     inputs and 12.9 against 16.5 ms on 8x8; on 16x16 the GEMM was 1.6x slower. (Prepacking the
@@ -128,7 +128,8 @@ class Conv2d(nn.Conv2d):
             x = x.contiguous()  # NCHW, as for other weights materialised per call (below)
             return torch.cat([self._conv_forward(x, part, None if b is None else b[start:stop])
                               for start, stop, part in w], dim=1)
-        tiling = winograd.tiling(self, x) if self.winograd and runs_on_onednn(x, *layer_tensors(self)) else None
+        on_onednn = runs_on_onednn(x, *layer_tensors(self))
+        tiling = winograd.tiling(self, x) if self.winograd and on_onednn else None
         if tiling is not None and not self.prepack:  # weights used once: transformed for this call only
             return winograd.conv(x, winograd.transform_weight(w, tiling, pack=False), b, tiling)
         if tiling is not None:
