@@ -105,7 +105,7 @@ class Conv2d(nn.Conv2d):
     `winograd.MIN_CHANNELS` channels in and out on an input at least `winograd.F2_SIDE` pixels a
     side runs, where sdlite's C kernels are built, with Winograd's algorithm (`sdlite.winograd`:
     2.2-4x fewer multiplications), unless `winograd` is False. Its weights are transformed at the
-    first call and kept (the tiling chosen then is kept for other sizes too); or with `prepack`
+    first call and kept (the tiling chosen then is kept for any other size); or with `prepack`
     False transformed in every call and dropped; a weight materialised per call (kept at rest)
     stays direct unless `prepack` is False. Otherwise, on an input of at most `SMALL_INPUT`
     pixels it runs as one oneDNN GEMM of the input's 3x3 patches by the weight
@@ -128,14 +128,13 @@ class Conv2d(nn.Conv2d):
             x = x.contiguous()  # NCHW, as for other weights materialised per call (below)
             return torch.cat([self._conv_forward(x, part, None if b is None else b[start:stop])
                               for start, stop, part in w], dim=1)
+        state = self.__dict__.get("_packed")
+        kept = state[1][-1] if state is not None and isinstance(state[1][-1], winograd.Tiling) else None
         on_onednn = runs_on_onednn(x, *layer_tensors(self))
-        tiling = winograd.tiling(self, x) if self.winograd and on_onednn else None
+        tiling = winograd.tiling(self, x, kept) if self.winograd and on_onednn else None
         if tiling is not None and not self.prepack:  # weights used once: transformed for this call only
             return winograd.conv(x, winograd.transform_weight(w, tiling, pack=False), b, tiling)
         if tiling is not None:
-            kept = self.__dict__.get("_packed")
-            if kept is not None and isinstance(kept[1][-1], winograd.Tiling):
-                tiling = kept[1][-1]  # one transformed copy a layer, whichever size comes: none made again
             weights = onednn_weight(self, x, lambda w: winograd.transform_weight(w, tiling), form=tiling)
             if weights is not w:  # not materialised for this call: transformed once, kept
                 return winograd.conv(x, weights, b, tiling)

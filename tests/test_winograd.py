@@ -103,6 +103,9 @@ def test_conv2d_runs_winograd_to_fp32_rounding(channels, size, tiling, tolerance
         packed = conv.__dict__["_packed"][2]
         assert (conv(z).double() - exact(z)).abs().max() < tolerance
         assert conv.__dict__["_packed"][2] is packed  # the tiling first chosen is kept: nothing transformed again
+        narrow = torch.randn(1, channels[0], 4, 70)  # under F2_SIDE a side, over SMALL_INPUT pixels
+        assert (conv(narrow).double() - exact(narrow)).abs().max() < tolerance
+        assert conv.__dict__["_packed"][2] is packed
 
 
 def test_chunks_of_tiles_give_the_whole_convolution(monkeypatch):
