@@ -63,7 +63,7 @@ F4 = Tiling(4, BT=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 
                (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
             AT=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)))
 MIN_CHANNELS = 128
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 64 << 20  # at most, of a chunk's transformed tiles and of its products (`conv`)
 F4_SIDE, F2_SIDE = 32, 8  # F(4x4) on inputs at least this many pixels a side, F(2x2) from 8
 F4_MAX_WEIGHT = 12_000_000  # values: F(4x4) only up to SD's 640-channel layers (SDXL's 1280: F(2x2))
 
@@ -73,7 +73,8 @@ def tiling(conv: torch.nn.Conv2d, x: torch.Tensor, kept: Tiling | None = None) -
     1, at least `MIN_CHANNELS` in and out, on an input at least `F2_SIDE` pixels a side, with
     the C kernels built; F(4x4) from `F4_SIDE` for weights of at most `F4_MAX_WEIGHT` values.
     `kept`, the tiling the layer's weights were transformed for, is kept at any size: one
-    transformed copy a layer, never made again because sizes alternate. (CPU fp32 inference is the caller's to check: `sdlite.layers.runs_on_onednn`.)"""
+    transformed copy a layer, never made again because sizes alternate. (CPU fp32 inference is
+    the caller's to check: `sdlite.layers.runs_on_onednn`.)"""
     if not (x.dim() == 4 and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS):
@@ -117,6 +118,7 @@ def conv(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None
         products = [torch.ops.mkldnn._linear_pointwise(v, w, None, "none", [], "")
                     for v, w in zip(kernels.winograd_input(x, m, BT, first, count), weights)]
         kernels.winograd_output(products, bias, AT, out, first)
+        del products  # before the next chunk's are made
     return out.permute(0, 3, 1, 2)
 
 
