@@ -266,6 +266,7 @@ def winograd_output(products: list[torch.Tensor], bias: torch.Tensor | None, AT:
 
 
 def cpu_fp32(*tensors: torch.Tensor) -> bool:
+    """Whether all `tensors` are fp32 on the CPU (what the kernels and oneDNN's fp32 ops take)."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 

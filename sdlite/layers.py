@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import winograd
+from . import kernels, winograd
 from .memory import Slices, release_pages
 
 
@@ -47,7 +47,7 @@ def runs_on_onednn(*tensors: torch.Tensor) -> bool:
     # Tracing and compiling are asked first: torch.compile does not trace mkldnn.is_available
     # (a graph break in every layer).
     return (not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and kernels.cpu_fp32(*tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and torch.backends.mkldnn.is_available())
 
@@ -93,6 +93,12 @@ def onednn_weight(layer: nn.Module, x: torch.Tensor, pack, form=None):
     return packed
 
 
+def packed_form(layer: nn.Module):
+    """The `form` of the copy `onednn_weight` keeps for `layer` (None: none kept, or unnamed)."""
+    state = layer.__dict__.get("_packed")
+    return None if state is None else state[1][-1]
+
+
 SMALL_INPUT = 64  # 3x3 convolutions on inputs of at most this many pixels run as one GEMM (`Conv2d`)
 
 
@@ -128,8 +134,8 @@ class Conv2d(nn.Conv2d):
             x = x.contiguous()  # NCHW, as for other weights materialised per call (below)
             return torch.cat([self._conv_forward(x, part, None if b is None else b[start:stop])
                               for start, stop, part in w], dim=1)
-        state = self.__dict__.get("_packed")
-        kept = state[1][-1] if state is not None and isinstance(state[1][-1], winograd.Tiling) else None
+        kept = packed_form(self)
+        kept = kept if isinstance(kept, winograd.Tiling) else None
         on_onednn = runs_on_onednn(x, *layer_tensors(self))
         tiling = winograd.tiling(self, x, kept) if self.winograd and on_onednn else None
         if tiling is not None and not self.prepack:  # weights used once: transformed for this call only
@@ -162,7 +168,12 @@ class Conv2d(nn.Conv2d):
         """Whether this call runs as one GEMM: CPU fp32 inference (nothing for autograd to record)
         on an input of at most `SMALL_INPUT` pixels, a 3x3 convolution, stride 1, zero padding 1."""
         return (x.dim() == 4 and x.shape[-2] * x.shape[-1] <= SMALL_INPUT and runs_on_onednn(x, *layer_tensors(self))
-                and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+                and self.same_size_3x3())
+
+    def same_size_3x3(self) -> bool:
+        """A 3x3 convolution, stride 1, zero padding 1, no dilation or groups: the output the input's
+        size (what the GEMM of patches and Winograd's algorithm compute)."""
+        return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros")
 
 

@@ -68,16 +68,15 @@ F4_SIDE, F2_SIDE = 32, 8  # F(4x4) on inputs at least this many pixels a side, F
 F4_MAX_WEIGHT = 12_000_000  # values: F(4x4) only up to SD's 640-channel layers (SDXL's 1280: F(2x2))
 
 
-def tiling(conv: torch.nn.Conv2d, x: torch.Tensor, kept: Tiling | None = None) -> Tiling | None:
-    """The tiling `conv`'s call on `x` runs with, or None: a 3x3 convolution, stride 1, zero padding
-    1, at least `MIN_CHANNELS` in and out, on an input at least `F2_SIDE` pixels a side, with
-    the C kernels built; F(4x4) from `F4_SIDE` for weights of at most `F4_MAX_WEIGHT` values.
-    `kept`, the tiling the layer's weights were transformed for, is kept at any size: one
-    transformed copy a layer, never made again because sizes alternate. (CPU fp32 inference is
-    the caller's to check: `sdlite.layers.runs_on_onednn`.)"""
-    if not (x.dim() == 4 and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS):
+def tiling(conv, x: torch.Tensor, kept: Tiling | None = None) -> Tiling | None:
+    """The tiling the call of `conv` (an `sdlite.layers.Conv2d`) on `x` runs with, or None: a 3x3
+    convolution keeping the input's size (`Conv2d.same_size_3x3`), at least `MIN_CHANNELS` in
+    and out, on an input at least `F2_SIDE` pixels a side, with the C kernels built; F(4x4) from
+    `F4_SIDE` for weights of at most `F4_MAX_WEIGHT` values. `kept`, the tiling the layer's
+    weights were transformed for, is kept at any size: one transformed copy a layer, never made
+    again because sizes alternate. (CPU fp32 inference is the caller's to check:
+    `sdlite.layers.runs_on_onednn`.)"""
+    if not (x.dim() == 4 and conv.same_size_3x3() and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS):
         return None
     side = min(x.shape[-2:])
     if (kept is None and side < F2_SIDE) or kernels.library() is None:

@@ -89,7 +89,7 @@ def test_conv2d_runs_winograd_to_fp32_rounding(channels, size, tiling, tolerance
 
     with torch.inference_mode():
         y = conv(x)
-        assert conv.__dict__["_packed"][1][-1] == tiling  # the Winograd path ran, with this tiling
+        assert layers.packed_form(conv) == tiling  # the Winograd path ran, with this tiling
         assert (y.double() - exact(x)).abs().max() < tolerance
         conv.weight.mul_(-2)  # in place, as a LoRA merge does
         assert (conv(x).double() - exact(x)).abs().max() < 2 * tolerance
@@ -97,7 +97,7 @@ def test_conv2d_runs_winograd_to_fp32_rounding(channels, size, tiling, tolerance
     with torch.no_grad():
         y = torch.cat([x, x[:1]])  # another batch size than the one it was transformed for
         assert (conv(y).double() - exact(y)).abs().max() < tolerance
-        assert conv.__dict__["_packed"][0]() is conv.weight and conv.__dict__["_packed"][1][-1] == tiling
+        assert conv.__dict__["_packed"][0]() is conv.weight and layers.packed_form(conv) == tiling
         other = winograd.F4 if tiling is winograd.F2 else winograd.F2
         z = torch.randn(1, channels[0], *(32 if other is winograd.F4 else 8,) * 2)  # the other tiling's size
         packed = conv.__dict__["_packed"][2]
@@ -132,8 +132,8 @@ def test_where_winograd_applies():
 
 
 def transformed(network):
-    return [m for m in network.modules() if isinstance(m, layers.Conv2d) and m.__dict__.get("_packed")
-            and isinstance(m.__dict__["_packed"][1][-1], winograd.Tiling)]
+    return [m for m in network.modules() if isinstance(m, layers.Conv2d)
+            and isinstance(layers.packed_form(m), winograd.Tiling)]
 
 
 def test_winograd_stays_off_without_kernels_autograd_or_kept_weights(monkeypatch):
