@@ -10,8 +10,8 @@ took 1.46 against 1.51 s (Intel Xeon, in-process A/B), for 0.2 s more in the fir
 convolutions whose outputs were copied back to NCHW had been slower on an AMD EPYC.) The VAE
 keeps plain ones (`Conv2d.prepack`; sdlite.vae says why). Most 3x3 convolutions run neither
 way: those of at least 128 channels in and out on inputs at least 8 pixels a side use
-Winograd's algorithm (`sdlite.winograd`; where sdlite's C kernels are built, not in low-memory
-mode), those on inputs of at most 64 pixels below that (such as 4x4) one GEMM (`Conv2d`)."""
+Winograd's algorithm (`sdlite.winograd`, where sdlite's C kernels are built; the weights
+transformed once and kept, or per call), those on inputs of at most 64 pixels below that (such as 4x4) one GEMM (`Conv2d`)."""
 
 import math
 import weakref
@@ -110,10 +110,11 @@ class Conv2d(nn.Conv2d):
     For CPU fp32 inference, a 3x3 convolution (stride 1, zero padding 1) of at least
     `winograd.MIN_CHANNELS` channels in and out on an input at least `winograd.F2_SIDE` pixels a
     side runs, where sdlite's C kernels are built, with Winograd's algorithm (`sdlite.winograd`:
-    2.2-4x fewer multiplications), unless `winograd` is False. Its weights are transformed at the
-    first call and kept (the tiling chosen then is kept for any other size); or with `prepack`
-    False transformed in every call and dropped; a weight materialised per call (kept at rest)
-    stays direct unless `prepack` is False. Otherwise, on an input of at most `SMALL_INPUT`
+    2.2-4x fewer multiplications). Its weights are transformed at the first call and kept (the
+    tiling chosen then is kept for any other size). Weights that are not kept, because `prepack`
+    is False, `winograd` is "per call" or the weight is materialised per call (kept at rest),
+    are transformed in each call that is large enough to pay for it (`winograd.ONCE_SIDE`) and
+    dropped; `winograd` None keeps the layer off it. Otherwise, on an input of at most `SMALL_INPUT`
     pixels it runs as one oneDNN GEMM of the input's 3x3 patches by the weight
     viewed as a matrix. On small inputs oneDNN's direct convolution spends its time laying out
     the weight: SD 2.1's 1280-channel convolutions at batch 2 took 3.9 against 7.8 ms on 4x4
@@ -126,7 +127,7 @@ class Conv2d(nn.Conv2d):
 
     takes_slices = True
     prepack = True  # False: nothing kept packed or transformed (the VAE's, run once per image)
-    winograd = True  # False: no Winograd (`direct_convolutions`)
+    winograd = "kept"  # or "per call" (weights transformed in each call), or None (`limit_winograd`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -134,16 +135,15 @@ class Conv2d(nn.Conv2d):
             x = x.contiguous()  # NCHW, as for other weights materialised per call (below)
             return torch.cat([self._conv_forward(x, part, None if b is None else b[start:stop])
                               for start, stop, part in w], dim=1)
-        kept = packed_form(self)
-        kept = kept if isinstance(kept, winograd.Tiling) else None
-        on_onednn = runs_on_onednn(x, *layer_tensors(self))
-        tiling = winograd.tiling(self, x, kept) if self.winograd and on_onednn else None
-        if tiling is not None and not self.prepack:  # weights used once: transformed for this call only
-            return winograd.conv(x, winograd.transform_weight(w, tiling, pack=False), b, tiling)
-        if tiling is not None:
-            weights = onednn_weight(self, x, lambda w: winograd.transform_weight(w, tiling), form=tiling)
-            if weights is not w:  # not materialised for this call: transformed once, kept
+        if self.winograd and runs_on_onednn(x, *layer_tensors(self)):
+            keeps = self.prepack and self.winograd == "kept" and self._parameters.get("weight") is w
+            kept = packed_form(self) if keeps else None
+            tiling = winograd.tiling(self, x, kept if isinstance(kept, winograd.Tiling) else None, once=not keeps)
+            if tiling is not None and keeps:
+                weights = onednn_weight(self, x, lambda w: winograd.transform_weight(w, tiling), form=tiling)
                 return winograd.conv(x, weights, b, tiling)
+            if tiling is not None:
+                return winograd.conv(x, winograd.transform_weight(w, tiling, pack=False), b, tiling)
         if self.runs_as_gemm(x):
             B, C, H, W = x.shape
             # The 3x3 patches gathered in one copy straight into the GEMM's (B*H*W, C*9) rows, in
@@ -177,12 +177,12 @@ class Conv2d(nn.Conv2d):
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros")
 
 
-def direct_convolutions(network: nn.Module) -> nn.Module:
-    """`network` with its convolutions kept off Winograd's algorithm, whose transformed weights
-    take 1.8-4x the memory of the weights (low-memory mode)."""
+def limit_winograd(network: nn.Module, use: str | None) -> nn.Module:
+    """`network` with its convolutions' `Conv2d.winograd` set to `use`: "per call" (the transformed
+    weights, 1.8-4x the weights' memory, made for each call and dropped) or None (not at all)."""
     for module in network.modules():
         if isinstance(module, Conv2d):
-            module.winograd = False
+            module.winograd = use
     return network
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 from .clip import CLIPTextModel
 from .config import CLIPConfig, UNetConfig, VAEConfig
 from .graphs import CUDAGraphs
-from .layers import ProjectedContext, direct_convolutions
+from .layers import ProjectedContext, limit_winograd
 from .loading import CheckpointError, load_component, load_network, read_json
 from .memory import (OnDemand, decode_tiled, device_memory, keep_at_rest, network_device, network_dtype,
                      release_weights, set_malloc_policy, trim_heap, using)
@@ -131,8 +131,9 @@ class StableDiffusion:
         the CPU. `low_memory` loads the text encoder only to encode and the VAE only to decode (in
         tiles of `vae_tile_size` latents). Palettized folders (`sdlite compress`) rebuild each
         weight just before use (`palettized_mode="jit"`) or unpack them all at load ("fast").
-        Low-memory mode also keeps convolutions off Winograd's algorithm (`sdlite.winograd`), whose
-        transformed weights the UNet would keep at 1.8-4x its convolutions' size, runs the UNet's feed-forward layers over 1,024 tokens
+        Low-memory mode also has the UNet's convolutions transform their weights for Winograd's
+        algorithm (`sdlite.winograd`) in each call, not keep them at 1.8-4x their size, or with
+        weights at rest not use it (`sdlite.layers.limit_winograd`), runs the UNet's feed-forward layers over 1,024 tokens
         at a time (`sdlite.unet.chunk_feed_forward`) and gives the heap's free memory back to the system
         after each VAE tile, around each on-demand network and, for a UNet whose weights are kept
         at rest (palettized jit, fp16 at rest), after its mid block and each of its up blocks
@@ -162,8 +163,7 @@ class StableDiffusion:
         def held(component, network_class, config, dtype, compute, on_demand=False):
             """The network, or with `on_demand` (low_memory) a loader called at each use."""
             def load():
-                network = source.load(component, network_class, config, dtype, compute)
-                return direct_convolutions(network) if low_memory else network
+                return source.load(component, network_class, config, dtype, compute)
 
             return OnDemand(load, config, compute, device) if on_demand else load()
 
@@ -194,6 +194,10 @@ class StableDiffusion:
         if low_memory:
             sd.vae_tile_size = 32
             chunk_feed_forward(sd.unet, 1024)
+            # Winograd's transformed weights made per call: kept, they would take 1.8-4x the
+            # convolutions' weights. Not at all for weights at rest, where the transient ones lifted
+            # 6-bit jit's peak RSS at 512 px from 1,356-1,364 to 1,383-1,458 MiB.
+            limit_winograd(sd.unet, None if unet_at_rest else "per call")
             # Trimming pays where the weights are compact (kept at rest), so the heap is much of the
             # RSS; with fp32 weights it cost 7-17% of a step at 256 px and lowered no peak.
             blocks = [sd.unet.mid_block, *sd.unet.up_blocks] if unet_at_rest else []

@@ -25,12 +25,17 @@ weight grows with the input's pixels, not its channels; but its memory grows wit
 and SDXL's 1280-channel layers at 1024 px (32 x 32 inputs there), 0.97 GB of weights, would take
 3.9 GB transformed: layers of over `F4_MAX_WEIGHT` values take F(2x2) at any size (1.7 GB
 there). Layers under `MIN_CHANNELS` in or out stay direct: 64 channels at 64 x 64 took 1.4 / 1.6
-/ 1.8 ms, 128 at 16 x 16 0.4 / 0.5 / 0.8 (batch 1), but 128 at 128 x 128 20.9 / 17.2 / 13.7. A
-network whose weights are used once per image (the VAE, `sdlite.layers.Conv2d.prepack` False)
-transforms them in each call and keeps nothing: SD 2.1's VAE's first decode of 256 px took 1.83
-against 3.05 s (peak RSS 898 against 858 MB), of 512 px 6.88 against 12.47 s (1,784 against
-1,968 MB: the chunks of tiles, `CHUNK_BYTES`, are smaller than some of the direct convolution's
-buffers).
+/ 1.8 ms, 128 at 16 x 16 0.4 / 0.5 / 0.8 (batch 1), but 128 at 128 x 128 20.9 / 17.2 / 13.7.
+
+Weights that are not kept transformed (`sdlite.layers.Conv2d`: the VAE's, used once per image;
+weights materialised per call from their form at rest; low-memory mode's UNet) are transformed
+in each call, which pays from `ONCE_SIDE` pixels a side. At batch 2, transform included, against
+the direct convolution on a weight materialised for the call (ms): 1280 channels at 8 x 8 26.8
+against 26.0, at 16 x 16 50.8 against 74.2 (F(2x2)); 640 at 32 x 32 35.6 against 65.9 (F(4x4));
+against a prepacked weight, 640 at 16 x 16 14.5 against 15.9, 1280 at 16 x 16 48.6 against 63.4,
+640 at 32 x 32 34.7 against 64.2. SD 2.1's VAE's first decode of 256 px took 1.83 against 3.05 s
+(peak RSS 898 against 858 MB), of 512 px 6.88 against 12.47 s (1,784 against 1,968 MB: the
+chunks of tiles, `CHUNK_BYTES`, are smaller than some of the direct convolution's buffers).
 """
 
 from dataclasses import dataclass
@@ -65,21 +70,22 @@ F4 = Tiling(4, BT=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 
 MIN_CHANNELS = 128
 CHUNK_BYTES = 64 << 20  # at most, of a chunk's transformed tiles and of its products (`conv`)
 F4_SIDE, F2_SIDE = 32, 8  # F(4x4) on inputs at least this many pixels a side, F(2x2) from 8
+ONCE_SIDE = 16  # weights transformed for one call only: on inputs at least this many pixels a side
 F4_MAX_WEIGHT = 12_000_000  # values: F(4x4) only up to SD's 640-channel layers (SDXL's 1280: F(2x2))
 
 
-def tiling(conv, x: torch.Tensor, kept: Tiling | None = None) -> Tiling | None:
+def tiling(conv, x: torch.Tensor, kept: Tiling | None = None, once: bool = False) -> Tiling | None:
     """The tiling the call of `conv` (an `sdlite.layers.Conv2d`) on `x` runs with, or None: a 3x3
     convolution keeping the input's size (`Conv2d.same_size_3x3`), at least `MIN_CHANNELS` in
-    and out, on an input at least `F2_SIDE` pixels a side, with the C kernels built; F(4x4) from
-    `F4_SIDE` for weights of at most `F4_MAX_WEIGHT` values. `kept`, the tiling the layer's
-    weights were transformed for, is kept at any size: one transformed copy a layer, never made
-    again because sizes alternate. (CPU fp32 inference is the caller's to check:
-    `sdlite.layers.runs_on_onednn`.)"""
+    and out, on an input at least `F2_SIDE` pixels a side (`ONCE_SIDE` if the weights are
+    transformed `once`, for this call only), with the C kernels built; F(4x4) from `F4_SIDE` for
+    weights of at most `F4_MAX_WEIGHT` values. `kept`, the tiling the layer's weights were
+    transformed for, is kept at any size: one transformed copy a layer, never made again because
+    sizes alternate. (CPU fp32 inference is the caller's to check: `sdlite.layers.runs_on_onednn`.)"""
     if not (x.dim() == 4 and conv.same_size_3x3() and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS):
         return None
     side = min(x.shape[-2:])
-    if (kept is None and side < F2_SIDE) or kernels.library() is None:
+    if (kept is None and side < (ONCE_SIDE if once else F2_SIDE)) or kernels.library() is None:
         return None
     if kept is not None:
         return kept

@@ -145,14 +145,8 @@ def test_winograd_stays_off_without_kernels_autograd_or_kept_weights(monkeypatch
     conv.weight.requires_grad_(False)
     conv(x).sum().backward()  # only the bias is trained: still autograd's
     assert conv.bias.grad is not None and not transformed(conv)
-    conv.weight.requires_grad_()
     with torch.no_grad():
-        assert torch.allclose(layers.direct_convolutions(conv)(x), expected, atol=1e-5) and not transformed(conv)
-        conv.winograd = True
-        weight = conv.weight.detach().clone()
-        del conv._parameters["weight"]
-        conv.weight = weight  # materialised per call (weights at rest)
-        assert torch.allclose(conv(x), expected, atol=1e-5) and not transformed(conv)
+        assert torch.allclose(layers.limit_winograd(conv, None)(x), expected, atol=1e-5) and not transformed(conv)
         monkeypatch.setattr(kernels, "library", lambda: None)  # no C compiler
         fresh = layers.Conv2d(128, 128, 3, padding=1).eval()
         assert torch.allclose(fresh(x), F.conv2d(x, fresh.weight, fresh.bias, padding=1), atol=1e-5)
@@ -180,9 +174,35 @@ def test_the_unet_keeps_its_transformed_weights_and_the_vae_transforms_per_call(
     assert winograd.F4 in winograd_calls and not transformed(sd.vae)  # the VAE runs once per image
 
 
-def test_low_memory_mode_keeps_convolutions_direct(winograd_calls):
+@pytest.mark.parametrize("not_kept", ["per call", "prepack", "at rest"])
+def test_weights_not_kept_are_transformed_per_call_on_large_inputs(not_kept, winograd_calls):
+    torch.manual_seed(0)
+    conv = layers.Conv2d(128, 128, 3, padding=1).eval()
+    weight = conv.weight.detach().clone()
+    if not_kept == "per call":
+        layers.limit_winograd(conv, "per call")
+    elif not_kept == "prepack":
+        conv.prepack = False
+    else:
+        del conv._parameters["weight"]
+        conv.weight = weight  # materialised per call (weights at rest)
+    with torch.no_grad():
+        for side, tilings in ((8, []), (16, [winograd.F2]), (32, [winograd.F4])):
+            x = torch.randn(1, 128, side, side)
+            assert torch.allclose(conv(x), F.conv2d(x, weight, conv.bias, padding=1), atol=1e-4)
+            assert winograd_calls == tilings and not transformed(conv)  # under ONCE_SIDE a side: direct
+            winograd_calls.clear()
+
+
+@pytest.mark.parametrize("at_rest", [False, True])
+def test_low_memory_mode_keeps_no_transformed_weights(at_rest, winograd_calls):
     from sdlite import StableDiffusion
 
-    sd = StableDiffusion.from_pretrained(low_memory=True)
-    sd.decode(next(sd.generate_latents("a red circle", steps=1, seed=0))[1])
-    assert not winograd_calls and not transformed(sd.unet)
+    dtypes = dict(dtype=torch.float16, compute_dtype=torch.float32) if at_rest else {}
+    sd = StableDiffusion.from_pretrained(low_memory=True, **dtypes)
+    latents = next(sd.generate_latents("a red circle", steps=1, seed=0, height=128, width=128))[1]
+    # 16x16 latents: transformed per call, or with weights at rest (transients) not at all
+    assert (winograd_calls == []) == at_rest and not transformed(sd.unet)
+    winograd_calls.clear()
+    sd.decode(latents)
+    assert winograd.F4 in winograd_calls
