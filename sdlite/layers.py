@@ -11,7 +11,8 @@ convolutions whose outputs were copied back to NCHW had been slower on an AMD EP
 keeps plain ones (`Conv2d.prepack`; sdlite.vae says why). Most 3x3 convolutions run neither
 way: those of at least 128 channels in and out on inputs at least 8 pixels a side use
 Winograd's algorithm (`sdlite.winograd`, where sdlite's C kernels are built; the weights
-transformed once and kept, or per call), those on inputs of at most 64 pixels below that (such as 4x4) one GEMM (`Conv2d`)."""
+transformed once and kept, or per call), those on inputs of at most 64 pixels below that (such
+as 4x4) one GEMM (`Conv2d`)."""
 
 import math
 import weakref

@@ -133,11 +133,11 @@ class StableDiffusion:
         weight just before use (`palettized_mode="jit"`) or unpack them all at load ("fast").
         Low-memory mode also has the UNet's convolutions transform their weights for Winograd's
         algorithm (`sdlite.winograd`) in each call, not keep them at 1.8-4x their size, or with
-        weights at rest not use it (`sdlite.layers.limit_winograd`), runs the UNet's feed-forward layers over 1,024 tokens
-        at a time (`sdlite.unet.chunk_feed_forward`) and gives the heap's free memory back to the system
-        after each VAE tile, around each on-demand network and, for a UNet whose weights are kept
-        at rest (palettized jit, fp16 at rest), after its mid block and each of its up blocks
-        (`sdlite.memory.trim_heap`).
+        weights at rest not use it (`sdlite.layers.limit_winograd`), runs the UNet's feed-forward
+        layers over 1,024 tokens at a time (`sdlite.unet.chunk_feed_forward`) and gives the heap's
+        free memory back to the system after each VAE tile, around each on-demand network and, for
+        a UNet whose weights are kept at rest (palettized jit, fp16 at rest), after its mid block
+        and each of its up blocks (`sdlite.memory.trim_heap`).
         On the CPU, loading sets the process's malloc policy
         (`sdlite.memory.set_malloc_policy`: large freed blocks are kept for reuse), and the text
         encoders and the VAE give their memory-mapped weights' pages back after each use
