@@ -11,8 +11,8 @@ convolutions whose outputs were copied back to NCHW had been slower on an AMD EP
 keeps plain ones (`Conv2d.prepack`; sdlite.vae says why). Most 3x3 convolutions run neither
 way: those of at least 128 channels in and out on inputs at least 8 pixels a side use
 Winograd's algorithm (`sdlite.winograd`, where sdlite's C kernels are built; the weights
-transformed once and kept, or per call), those on inputs of at most 64 pixels below that (such
-as 4x4) one GEMM (`Conv2d`)."""
+transformed once and kept, or per call from 16 pixels a side), those on inputs of at most 64
+pixels below that (such as 4x4) one GEMM (`Conv2d`)."""
 
 import math
 import weakref
@@ -59,6 +59,12 @@ def layer_tensors(layer: nn.Module) -> list[torch.Tensor]:
     return [layer.weight] + ([] if layer.bias is None else [layer.bias])
 
 
+def materialised(layer: nn.Module) -> bool:
+    """Whether `layer.weight` is made for each call (sdlite.memory's weights at rest), not its
+    parameter."""
+    return layer._parameters.get("weight") is not layer.weight
+
+
 def onednn_weight(layer: nn.Module, x: torch.Tensor, pack, form=None):
     """The weight oneDNN takes for `layer`'s call on input `x`: `pack(weight)`, kept; or None
     where oneDNN does not apply (autograd, non-CPU, non-fp32, no oneDNN, tracing or compiling).
@@ -73,7 +79,7 @@ def onednn_weight(layer: nn.Module, x: torch.Tensor, pack, form=None):
     w = layer.weight
     if not runs_on_onednn(x, *layer_tensors(layer)):
         return None
-    if layer._parameters.get("weight") is not w:
+    if materialised(layer):
         return w
     try:
         key = (w.data_ptr(), w._version, form)
@@ -137,7 +143,7 @@ class Conv2d(nn.Conv2d):
             return torch.cat([self._conv_forward(x, part, None if b is None else b[start:stop])
                               for start, stop, part in w], dim=1)
         if self.winograd and runs_on_onednn(x, *layer_tensors(self)):
-            keeps = self.prepack and self.winograd == "kept" and self._parameters.get("weight") is w
+            keeps = self.prepack and self.winograd == "kept" and not materialised(self)
             kept = packed_form(self) if keeps else None
             tiling = winograd.tiling(self, x, kept if isinstance(kept, winograd.Tiling) else None, once=not keeps)
             if tiling is not None and keeps:
@@ -180,10 +186,16 @@ class Conv2d(nn.Conv2d):
 
 def limit_winograd(network: nn.Module, use: str | None) -> nn.Module:
     """`network` with its convolutions' `Conv2d.winograd` set to `use`: "per call" (the transformed
-    weights, 1.8-4x the weights' memory, made for each call and dropped) or None (not at all)."""
+    weights, 1.8-4x the weights' memory, made for each call and dropped; calls under
+    `winograd.ONCE_SIDE` pixels a side still keep a packed copy of the weight, its own size) or
+    None (not at all). Transformed weights kept so far are dropped."""
+    if use not in ("kept", "per call", None):
+        raise ValueError(f"Winograd's algorithm is used 'kept', 'per call' or None, not {use!r}")
     for module in network.modules():
         if isinstance(module, Conv2d):
             module.winograd = use
+            if use != "kept" and isinstance(packed_form(module), winograd.Tiling):
+                module.__dict__["_packed"] = None
     return network
 
 

@@ -131,13 +131,14 @@ class StableDiffusion:
         the CPU. `low_memory` loads the text encoder only to encode and the VAE only to decode (in
         tiles of `vae_tile_size` latents). Palettized folders (`sdlite compress`) rebuild each
         weight just before use (`palettized_mode="jit"`) or unpack them all at load ("fast").
-        Low-memory mode also has the UNet's convolutions transform their weights for Winograd's
-        algorithm (`sdlite.winograd`) in each call, not keep them at 1.8-4x their size, or with
-        weights at rest not use it (`sdlite.layers.limit_winograd`), runs the UNet's feed-forward
-        layers over 1,024 tokens at a time (`sdlite.unet.chunk_feed_forward`) and gives the heap's
-        free memory back to the system after each VAE tile, around each on-demand network and, for
-        a UNet whose weights are kept at rest (palettized jit, fp16 at rest), after its mid block
-        and each of its up blocks (`sdlite.memory.trim_heap`).
+        A UNet whose weights are kept at rest runs its convolutions without Winograd's algorithm
+        (`sdlite.winograd`; its transient transformed weights would cost memory); otherwise
+        low-memory mode has them transform their weights for it in each call, not keep them at
+        1.8-4x their size (`sdlite.layers.limit_winograd`). Low-memory mode also runs the UNet's
+        feed-forward layers over 1,024 tokens at a time (`sdlite.unet.chunk_feed_forward`) and
+        gives the heap's free memory back to the system after each VAE tile, around each on-demand
+        network and, for a UNet whose weights are kept at rest (palettized jit, fp16 at rest),
+        after its mid block and each of its up blocks (`sdlite.memory.trim_heap`).
         On the CPU, loading sets the process's malloc policy
         (`sdlite.memory.set_malloc_policy`: large freed blocks are kept for reuse), and the text
         encoders and the VAE give their memory-mapped weights' pages back after each use
@@ -191,13 +192,15 @@ class StableDiffusion:
         sd.long_prompts = long_prompts
         sd.low_memory = low_memory
         unet_at_rest = hasattr(sd.unet, "stored_tensors")  # palettized jit or fp16 at rest
+        # Weights kept at rest are chosen for memory, and Winograd's transient transformed weights
+        # cost it: 6-bit jit at 512 px peaked at 1,383-1,458 against 1,356-1,364 MiB with
+        # low_memory, at 2,812-2,892 against 2,372-2,512 MiB without (for steps 4-10% faster).
+        # Low-memory mode makes them for each call instead of keeping them (1.8-4x the weights).
+        if unet_at_rest or low_memory:
+            limit_winograd(sd.unet, None if unet_at_rest else "per call")
         if low_memory:
             sd.vae_tile_size = 32
             chunk_feed_forward(sd.unet, 1024)
-            # Winograd's transformed weights made per call: kept, they would take 1.8-4x the
-            # convolutions' weights. Not at all for weights at rest, where the transient ones lifted
-            # 6-bit jit's peak RSS at 512 px from 1,356-1,364 to 1,383-1,458 MiB.
-            limit_winograd(sd.unet, None if unet_at_rest else "per call")
             # Trimming pays where the weights are compact (kept at rest), so the heap is much of the
             # RSS; with fp32 weights it cost 7-17% of a step at 256 px and lowered no peak.
             blocks = [sd.unet.mid_block, *sd.unet.up_blocks] if unet_at_rest else []

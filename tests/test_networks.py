@@ -195,8 +195,9 @@ def test_unet_and_vae_with_long_attention_on_onednn(components, monkeypatch):
 
 def test_unet_and_vae_with_winograd_convolutions(components, monkeypatch):
     """sdlite.winograd runs 3x3 convolutions of at least `MIN_CHANNELS` channels on inputs at
-    least 8 pixels a side; the tiny models are narrower, so the threshold comes down to 16 here.
-    The UNet at 32x32 latents and the VAE decoding 8x8 ones take both tilings."""
+    least 8 pixels a side (16 for the VAE, whose weights are transformed per call); the tiny models
+    are narrower, so the threshold comes down to 16 here. The UNet at 32x32 latents and the VAE
+    decoding 8x8 ones take both tilings."""
     from sdlite import kernels, winograd
 
     if kernels.library() is None:

@@ -123,6 +123,8 @@ def test_where_winograd_applies():
     assert winograd.tiling(conv, torch.empty(1, 128, 8, 40)) is winograd.F2
     assert winograd.tiling(conv, torch.empty(1, 128, 32, 32)) is winograd.F4
     assert winograd.tiling(conv, torch.empty(1, 128, 7, 40)) is None  # GEMM or direct below 8 a side
+    assert winograd.tiling(conv, torch.empty(1, 128, 15, 40), once=True) is None  # per call: from 16
+    assert winograd.tiling(conv, torch.empty(1, 128, 16, 40), once=True) is winograd.F2
     wide = layers.Conv2d(1280, 1280, 3, padding=1, device="meta")  # F(4x4) would quadruple 59 MB
     assert winograd.tiling(wide, torch.empty(1, 1280, 32, 32)) is winograd.F2
     assert winograd.tiling(layers.Conv2d(1920, 640, 3, padding=1, device="meta"), torch.empty(1, 1920, 32, 32)) is winograd.F4
@@ -136,7 +138,7 @@ def transformed(network):
             and isinstance(layers.packed_form(m), winograd.Tiling)]
 
 
-def test_winograd_stays_off_without_kernels_autograd_or_kept_weights(monkeypatch):
+def test_winograd_stays_off_without_kernels_autograd_or_when_limited(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(1, 128, 16, 16)
     conv = layers.Conv2d(128, 128, 3, padding=1).eval()
@@ -187,19 +189,30 @@ def test_weights_not_kept_are_transformed_per_call_on_large_inputs(not_kept, win
         del conv._parameters["weight"]
         conv.weight = weight  # materialised per call (weights at rest)
     with torch.no_grad():
-        for side, tilings in ((8, []), (16, [winograd.F2]), (32, [winograd.F4])):
+        for side, tilings in ((8, []), (15, []), (16, [winograd.F2]), (32, [winograd.F4])):
             x = torch.randn(1, 128, side, side)
             assert torch.allclose(conv(x), F.conv2d(x, weight, conv.bias, padding=1), atol=1e-4)
-            assert winograd_calls == tilings and not transformed(conv)  # under ONCE_SIDE a side: direct
+            # under ONCE_SIDE a side: the GEMM of patches (8x8) or the direct convolution
+            assert winograd_calls == tilings and not transformed(conv)
             winograd_calls.clear()
 
 
-@pytest.mark.parametrize("at_rest", [False, True])
-def test_low_memory_mode_keeps_no_transformed_weights(at_rest, winograd_calls):
+def test_limit_winograd_drops_kept_transforms_and_checks_its_argument():
+    conv = layers.Conv2d(128, 128, 3, padding=1).eval()
+    with torch.no_grad():
+        conv(torch.randn(1, 128, 16, 16))
+    assert transformed(conv)
+    assert not transformed(layers.limit_winograd(conv, "per call"))
+    with pytest.raises(ValueError, match="per call"):
+        layers.limit_winograd(conv, True)
+
+
+@pytest.mark.parametrize("low_memory, at_rest", [(True, False), (True, True), (False, True)])
+def test_low_memory_mode_and_weights_at_rest_keep_no_transformed_weights(low_memory, at_rest, winograd_calls):
     from sdlite import StableDiffusion
 
     dtypes = dict(dtype=torch.float16, compute_dtype=torch.float32) if at_rest else {}
-    sd = StableDiffusion.from_pretrained(low_memory=True, **dtypes)
+    sd = StableDiffusion.from_pretrained(low_memory=low_memory, **dtypes)
     latents = next(sd.generate_latents("a red circle", steps=1, seed=0, height=128, width=128))[1]
     # 16x16 latents: transformed per call, or with weights at rest (transients) not at all
     assert (winograd_calls == []) == at_rest and not transformed(sd.unet)
