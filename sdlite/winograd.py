@@ -28,8 +28,9 @@ there). Layers under `MIN_CHANNELS` in or out stay direct: 64 channels at 64 x 6
 / 1.8 ms, 128 at 16 x 16 0.4 / 0.5 / 0.8 (batch 1), but 128 at 128 x 128 20.9 / 17.2 / 13.7.
 
 Weights that are not kept transformed (`sdlite.layers.Conv2d`: the VAE's, used once per image;
-weights materialised per call from their form at rest; low-memory mode's UNet) are transformed
-in each call, which pays from `ONCE_SIDE` pixels a side. At batch 2, transform included, against
+weights materialised per call from their form at rest, though sdlite.pipeline keeps a UNet with
+such weights off Winograd for memory; low-memory mode's UNet) are transformed in each call, which
+pays from `ONCE_SIDE` pixels a side. At batch 2, transform included, against
 the direct convolution on a weight materialised for the call (ms): 1280 channels at 8 x 8 26.8
 against 26.0, at 16 x 16 50.8 against 74.2 (F(2x2)); 640 at 32 x 32 35.6 against 65.9 (F(4x4));
 against a prepacked weight, 640 at 16 x 16 14.5 against 15.9, 1280 at 16 x 16 48.6 against 63.4,
