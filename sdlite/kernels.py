@@ -236,7 +236,7 @@ def winograd_input(x: torch.Tensor, m: int, BT: torch.Tensor, first: int, count:
     t = m + 2
     sn, sc, sh, sw = x.stride()
     if (not 2 <= m <= 6 or BT.shape != (t, t) or not cpu_fp32(x, BT) or sc != 1 or not BT.is_contiguous()
-            or not 0 <= first <= first + count <= N * -(-H // m) * -(-W // m)):
+            or not 0 <= first <= first + count <= tile_count(N, H, W, m)):
         raise ValueError("winograd_input takes a channels-last CPU fp32 input, a contiguous t x t matrix "
                          "(t = m + 2 <= 8) and a range of its tiles")
     V = torch.empty(t * t, count, C, dtype=torch.float32, device="cpu")
@@ -256,13 +256,19 @@ def winograd_output(products: list[torch.Tensor], bias: torch.Tensor | None, AT:
     if (t != m + 2 or not 2 <= m <= 6 or len(products) != t * t or not cpu_fp32(AT, out, *products)
             or not AT.is_contiguous() or not out.is_contiguous()
             or any(p.shape != (count, K) or not p.is_contiguous() for p in products)
-            or not 0 <= first <= first + count <= N * -(-H // m) * -(-W // m)
+            or not 0 <= first <= first + count <= tile_count(N, H, W, m)
             or (bias is not None and (bias.shape != (K,) or not bias.is_contiguous() or not cpu_fp32(bias)))):
         raise ValueError("winograd_output takes t*t contiguous CPU fp32 (tiles, K) products of a range of "
                          "tiles, an m x (m + 2) matrix (m + 2 <= 8), a contiguous output and K biases")
     pointers = (ctypes.c_void_p * (t * t))(*[p.data_ptr() for p in products])
     library().winograd_output(pointers, 0 if bias is None else bias.data_ptr(), N, H, W, K, first, count, t, m,
                               AT.data_ptr(), out.data_ptr())
+
+
+def tile_count(N: int, H: int, W: int, m: int) -> int:
+    """The Winograd tiles of N images of H x W pixels, m x m outputs each (the last row and column
+    of tiles reach past the image)."""
+    return N * -(-H // m) * -(-W // m)
 
 
 def cpu_fp32(*tensors: torch.Tensor) -> bool:

@@ -117,7 +117,7 @@ def conv(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None
     m, t = tiling.m, tiling.m + 2
     BT, AT = _float(tiling, "BT"), _float(tiling, "AT")
     out = torch.empty(N, H, W, K, dtype=torch.float32, device="cpu")
-    tiles = N * -(-H // m) * -(-W // m)
+    tiles = kernels.tile_count(N, H, W, m)
     chunk = max(1, CHUNK_BYTES // (t * t * max(C, K) * 4))
     for first in range(0, tiles, chunk):
         count = min(chunk, tiles - first)
