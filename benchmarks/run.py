@@ -35,8 +35,13 @@ classifier-free guidance, i.e. the UNet runs on a batch of 2):
                     sdlite this is an effective rate, which may pass the peak
     img/s @ n       UNet throughput for n images with CFG (a batch of 2n) per step, median of --reps
 
-Ratios are to diffusers (for times and memory below 1 is better). Results are written to
-`benchmarks/results/<name>.{json,md,png}`.
+Ratios are to diffusers (for times and memory below 1 is better). With --runs N every engine
+runs N times, in turn (round after round, so drift hits all alike), each time in a fresh process,
+and every figure is the median of its N values (peak RSS: the largest). A fresh process's first
+UNet step writes the weights sdlite keeps packed and transformed, and on some machines (virtual
+ones that hand freed memory back to their host) writing fresh memory takes several times longer
+from one minute to the next: sdlite's first step at 256 px has taken 4-13 s for the same work.
+Results are written to `benchmarks/results/<name>.{json,md,png}`.
 """
 
 import argparse
@@ -51,7 +56,7 @@ import time
 from pathlib import Path
 
 from .models import MODELS, build_model
-from .report import write_report
+from .report import fmt, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -146,6 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--name", default=None, help="result file stem (default from the settings)")
     parser.add_argument("--openvino-cache", type=Path, default=None,
                         help="reuse converted UNets from this folder (default: convert afresh, as a cold start)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="fresh processes per engine, engines in turn; figures are their medians")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per engine")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -160,6 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     if args.size % 8 or args.size < 64:
         parser.error("--size must be a multiple of 8, at least 64")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     return args
 
 
@@ -186,24 +195,37 @@ def main(argv=None) -> dict:
         if "error" in probe:
             raise SystemExit(f"the probe failed: {probe['error']}")
         results["machine"], results["unet_flops"] = probe["machine"], probe["unet_flops"]
-        spec["openvino_cache"] = str(args.openvino_cache or workdir / "openvino")
+        engines = []
         for engine in args.engines:
             reason = engine_skip_reason(engine, device, dtype, sdxl)
             if reason:
                 results["notes"].append(f"{engine} skipped: {reason}")
                 print(f"{engine}: skipped ({reason})", flush=True)
-                continue
-            print(f"{engine} ...", flush=True)
-            read_files(model)
-            t0 = time.time()
-            image = workdir / f"{engine}.png"
-            result = run_process(dict(spec, engine=engine, image=str(image)), workdir, args.timeout)
-            if "error" in result:
-                results["notes"].append(f"{engine} failed: {result['error']}")
-                print(f"{engine}: FAILED {result['error']}", flush=True)
             else:
-                results["engines"][engine] = result
-                print(f"{engine}: done in {time.time() - t0:.1f} s", flush=True)
+                engines.append(engine)
+        runs = {engine: [] for engine in engines}
+        for round_index in range(args.runs):
+            # a cache of its own each run, unless one is given: each run converts, as a cold start
+            spec["openvino_cache"] = str(args.openvino_cache or workdir / f"openvino-{round_index}")
+            for engine in [e for e in engines if e in runs]:  # an engine that failed runs no more
+                print(f"{engine} (run {round_index + 1} of {args.runs}) ...", flush=True)
+                read_files(model)
+                t0 = time.time()
+                image = workdir / f"{engine}.png"
+                result = run_process(dict(spec, engine=engine, image=str(image)), workdir, args.timeout)
+                if "error" in result:
+                    results["notes"].append(f"{engine} failed: {result['error']}")
+                    print(f"{engine}: FAILED {result['error']}", flush=True)
+                    del runs[engine]
+                else:
+                    runs[engine].append(result)
+                    print(f"{engine}: done in {time.time() - t0:.1f} s", flush=True)
+        results["engines"] = {engine: combine_runs(done) for engine, done in runs.items()}
+        if args.runs > 1:
+            results["notes"].append(f"Every figure is the median of {args.runs} runs in fresh processes, engines in "
+                                    "turn (peak RSS: the largest); end to end in each run: "
+                                    + "; ".join(f"{e} " + ", ".join(fmt(t) for t in r["runs"]["end_to_end_s"])
+                                                + " s" for e, r in results["engines"].items()))
         reference = workdir / "diffusers.png"
         for engine, result in results["engines"].items():
             if reference.is_file():  # the same seed should give the same image in every engine
@@ -220,6 +242,26 @@ def main(argv=None) -> dict:
     print("\n" + paths["md"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return results
+
+
+def combine_runs(runs: list[dict]) -> dict:
+    """One engine's figures from its runs: the last run's entry with every number the median of the
+    runs' (per key for dicts such as images/s), the largest peak RSS, and under "runs" each run's
+    end-to-end and first-step times. With one run, that run's entry as it is."""
+    import statistics
+
+    if len(runs) == 1:
+        return runs[0]
+    combined = dict(runs[-1])
+    for key, value in runs[-1].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+            combined[key] = max(values) if key.startswith("peak_") else statistics.median(values)
+        elif isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
+            combined[key] = {k: statistics.median(r[key][k] for r in runs if k in r.get(key, {})) for k in value}
+    combined["runs"] = {key: [r[key] for r in runs] for key in ("end_to_end_s", "unet_first_step_s")
+                        if all(key in r for r in runs)}
+    return combined
 
 
 def read_files(folder: Path) -> None:

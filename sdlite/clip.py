@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPConfig
+from .layers import Linear
 
 
 @dataclass
@@ -25,7 +26,7 @@ class CLIPAttention(nn.Module):
         super().__init__()
         D = config.hidden_size
         self.heads = config.num_attention_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(D, D) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -37,8 +38,8 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.quick_gelu = config.hidden_act == "quick_gelu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,10 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
         if config.with_projection:
-            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+            self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
+        for module in self.modules():  # run once per image: oneDNN on the plain weights (`Linear`)
+            if isinstance(module, Linear):
+                module.prepack = False
 
     def forward(self, input_ids: torch.Tensor) -> CLIPOutput:
         """input_ids: (B, T) token ids, T <= max_position_embeddings. Causal mask, no padding mask

@@ -30,8 +30,15 @@ class Linear(nn.Linear):
     prepacked copy of its weight: oneDNN otherwise re-lays-out the weight on every call. The copy
     is made on first use and made again if the weight is replaced or changed in place (not
     through `.data`, nor when the weight is itself an inference tensor); weights
-    materialised per call are not packed (`onednn_weight`). With autograd recording, on other
-    devices or dtypes it is plain nn.Linear."""
+    materialised per call, and those of layers with `prepack` False, are not packed
+    (`onednn_weight`). With autograd recording, on other devices or dtypes it is plain nn.Linear.
+
+    Networks run once per image (the text encoders, the VAE) set `prepack` False: oneDNN on the
+    plain weight still beats PyTorch's BLAS, which takes its AVX2 path on AMD CPUs. SD 2.1's text
+    encoder on two prompts (AMD EPYC, 2 threads): 0.55 s a first call and 0.50-0.53 s later ones,
+    against 0.68-0.97 and 0.58-0.75 s with nn.Linear, and 1.29 and 0.49-0.50 s packed."""
+
+    prepack = True  # False: nothing kept packed (networks run once per image)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = onednn_weight(self, x, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, None))
@@ -75,11 +82,12 @@ def onednn_weight(layer: nn.Module, x: torch.Tensor, pack, form=None):
     weight that is not a parameter is materialised per call (sdlite.memory's weights at rest) and
     goes to oneDNN as it is: laying it out within the call is faster than packing it first (SD
     2.1's linear shapes at 512 px, the weight rewritten before each call: 287 against 332 ms for
-    one of each), and the copy would be used once."""
+    one of each), and the copy would be used once. So does the weight of a layer whose `prepack`
+    is False."""
     w = layer.weight
     if not runs_on_onednn(x, *layer_tensors(layer)):
         return None
-    if materialised(layer):
+    if materialised(layer) or not layer.prepack:
         return w
     try:
         key = (w.data_ptr(), w._version, form)

@@ -69,6 +69,20 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert json.loads((tmp_path / "quick.json").read_text())["settings"]["model"] == "tiny"
 
 
+def test_runs_give_median_figures_and_the_largest_peak_rss():
+    runs = [{"engine": "sdlite", "end_to_end_s": e2e, "unet_first_step_s": first, "peak_rss_mb": rss,
+             "converted": True, "unet_images_per_s": {"1": ips}, "unet_steps": [first, 1.0]}
+            for e2e, first, rss, ips in [(40.0, 9.0, 100, 0.5), (36.0, 4.0, 300, 0.7), (38.0, 6.0, 200, 0.6)]]
+    combined = run.combine_runs(runs)
+    assert combined["end_to_end_s"] == 38.0 and combined["unet_first_step_s"] == 6.0
+    assert combined["peak_rss_mb"] == 300 and combined["unet_images_per_s"] == {"1": 0.6}
+    assert combined["converted"] is True and combined["unet_steps"] == [6.0, 1.0]  # the last run's
+    assert combined["runs"] == {"end_to_end_s": [40.0, 36.0, 38.0], "unet_first_step_s": [9.0, 4.0, 6.0]}
+    assert run.combine_runs(runs[:1]) is runs[0]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--runs", "0"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_quick_benchmark_on_cuda(tmp_path):
     results = run.main(["--quick", "--device", "cuda", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path),

@@ -50,16 +50,27 @@ def test_packed_matches_plain_and_follows_weight_changes(make, data):
         assert torch.allclose(layer(y), plain(layer, y), atol=1e-5)
 
 
-def test_the_unet_packs_its_convolutions_and_the_vae_does_not():
+def test_the_unet_packs_its_weights_and_the_text_encoder_and_vae_do_not():
     from sdlite import StableDiffusion
 
     sd = StableDiffusion.from_pretrained()  # the bundled model
     sd.decode(next(sd.generate_latents("a red circle", steps=1, seed=0))[1])
 
-    def packed(network):
-        return [m for m in network.modules() if isinstance(m, layers.Conv2d) and m.__dict__.get("_packed")]
+    def packed(network, kind):
+        return [m for m in network.modules() if isinstance(m, kind) and m.__dict__.get("_packed")]
 
-    assert packed(sd.unet) and not packed(sd.vae)
+    assert packed(sd.unet, layers.Conv2d) and packed(sd.unet, Linear)
+    assert not packed(sd.vae, (layers.Conv2d, Linear)) and not packed(sd.text_encoder, Linear)
+
+
+def test_a_linear_layer_that_keeps_nothing_runs_on_onednn_with_its_plain_weight(monkeypatch):
+    layer, x = Linear(8, 8).eval(), torch.randn(2, 8)
+    layer.prepack = False
+    calls, linear = [], torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[1]) or linear(*a))
+    with torch.no_grad():
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
+    assert len(calls) == 1 and calls[0] is layer.weight and "_packed" not in layer.__dict__
 
 
 @pytest.mark.parametrize("make, data", LAYERS)
