@@ -316,6 +316,23 @@ class ProjectedContext:
         return self.projections[layer]
 
 
+def context_rows(context: "torch.Tensor | ProjectedContext") -> int:
+    """The batch size of a text context (B, T, D), plain or projected."""
+    return (context.states if isinstance(context, ProjectedContext) else context).shape[0]
+
+
+def repeat_samples(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` with its samples repeated up to `rows`, as torch.cat([x] * k). A UNet may take fewer
+    samples than text contexts: classifier-free guidance denoises the same latents with two
+    texts, and the layers before the text first reaches them (SD 2.1: the first resnet and
+    self-attention) run once per sample instead of once per text."""
+    if x.shape[0] == rows:
+        return x
+    if rows % x.shape[0]:
+        raise ValueError(f"{x.shape[0]} samples for {rows} text contexts: give as many, or a number that divides them")
+    return x.repeat(rows // x.shape[0], *[1] * (x.dim() - 1))
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0,
                        max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding (B,) -> (B, dim) in fp32, as diffusers' `get_timestep_embedding`

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layers import ProjectedContext
+from .layers import ProjectedContext, repeat_samples
 from .loading import cache_folder
 
 
@@ -108,6 +108,7 @@ class OpenVINOUNet(nn.Module):
         t = t[0]
         if isinstance(encoder_hidden_states, ProjectedContext):  # the projections are in the converted network
             encoder_hidden_states = encoder_hidden_states.states
+        sample = repeat_samples(sample, len(encoder_hidden_states))  # samples shared by the texts, as the UNet takes
         inputs = [sample.float().contiguous().numpy(), t.numpy(), encoder_hidden_states.float().contiguous().numpy()]
         out = self.compiled_for(sample.shape[0])(inputs)[0]
         return torch.from_numpy(out).to(sample.dtype)

@@ -359,7 +359,8 @@ class StableDiffusion:
         def model(x_in: torch.Tensor, t) -> torch.Tensor:
             if not guided:
                 return self.unet(x_in, t, context, added)
-            uncond, cond = self.unet(torch.cat([x_in, x_in]), t, context, added).chunk(2)
+            # both texts denoise the same latents: the UNet repeats them where the text reaches them
+            uncond, cond = self.unet(x_in, t, context, added).chunk(2)
             return uncond + cfg * (cond - uncond)
 
         steps = plan.sample(model, x, generator=generator)

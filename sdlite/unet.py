@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import UNetConfig
 from .layers import (Attention, Conv2d, Downsample2D, Linear, ProjectedContext, ResnetBlock2D, Upsample2D, activation,
-                     timestep_embedding)
+                     context_rows, repeat_samples, timestep_embedding)
 
 
 class GEGLU(nn.Module):
@@ -83,7 +83,11 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (b, L, dim) tokens of b samples, for a context of b or k*b rows (`repeat_samples`)."""
+        if self.only_cross:
+            x = repeat_samples(x, context_rows(context))
         x = x + self.attn1(self.norm1(x), context if self.only_cross else None)
+        x = repeat_samples(x, context_rows(context))  # the text makes the samples differ from here on
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -116,10 +120,10 @@ class Transformer2DModel(nn.Module):
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = h.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        h = h.view(h.shape[0], H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W); B the context's (`repeat_samples`)
         if not self.linear:
             h = self.proj_out(h)
-        return x + h
+        return repeat_samples(x, h.shape[0]) + h
 
 
 def transformer_stack(channels: int, level: int, n: int, c: UNetConfig) -> nn.ModuleList:
@@ -179,7 +183,7 @@ class UpBlock(nn.Module):
 
     def forward(self, x, temb, context, skips: list, size=None):
         for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            x = resnet(torch.cat([x, repeat_samples(skips.pop(), x.shape[0])], dim=1), temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:
@@ -267,7 +271,10 @@ class UNet2DConditionModel(nn.Module):
                 added_cond: dict | None = None) -> torch.Tensor:
         """sample (B, C, H, W) latents, any H and W; timestep a number or (B,) tensor, may be
         fractional; encoder_hidden_states (B, T, cross_attention_dim), or a `ProjectedContext` of them
-        to reuse from step to step. Returns (B, out_channels, H, W).
+        to reuse from step to step. Returns (B, out_channels, H, W). The sample may also have B/k
+        rows that all k texts share, as torch.cat([sample] * k) would give them (classifier-free
+        guidance): with one timestep and no per-sample conditioning (SDXL's), layers run on them
+        once until the text reaches them (`layers.repeat_samples`).
         With `cuda_graphs` set (sdlite.graphs), CUDA calls in inference mode replay CUDA graphs."""
         if self.cuda_graphs is None or not sample.is_cuda or not torch.is_inference_mode_enabled():
             return self.run(sample, timestep, encoder_hidden_states, added_cond)
@@ -284,8 +291,11 @@ class UNet2DConditionModel(nn.Module):
     def run(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
             added_cond: dict | None = None) -> torch.Tensor:
         """`forward`'s work, call by call."""
-        emb = self.time_embed(timestep, sample.shape[0], sample.dtype, sample.device, added_cond)
         context = encoder_hidden_states
+        rows = context_rows(context)
+        emb = self.time_embed(timestep, rows, sample.dtype, sample.device, added_cond)
+        if emb.shape[0] != 1:  # conditioning per sample: the samples differ from the first layer on
+            sample = repeat_samples(sample, rows)
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
@@ -299,4 +309,5 @@ class UNet2DConditionModel(nn.Module):
             # Upsample to the next skip's size, so odd latent sizes (e.g. 5x8) line up.
             size = skips[-1].shape[2:] if block.upsamplers is not None else None
             x = block(x, emb, context, block_skips, size)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        # (repeated here only where the text reached no layer)
+        return repeat_samples(self.conv_out(self.conv_act(self.conv_norm_out(x))), rows)

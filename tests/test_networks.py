@@ -170,6 +170,42 @@ def test_a_projected_context_keeps_the_cross_attention_keys_and_values(component
     assert cross and len(projected.projections) == len(cross)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_samples_shared_by_two_texts_run_once_until_the_text_reaches_them(components, n):
+    """n samples for 2n texts (classifier-free guidance) give the diffusers UNet's output for the
+    samples repeated; the layers before the first cross-attention run on the n samples only. Per-
+    sample timesteps make the samples differ from the start: they are repeated there."""
+    ref = components["unet"]
+    ours = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(ref.config)), ref.state_dict())
+    x, ctx = unet_inputs(2 * n, 8, 8, CROSS_ATTENTION_DIM)
+    x = x[:n]
+    first_cross = next(m for name, m in ours.named_modules() if name.endswith("attn2"))
+    rows = {}
+    for name, module in (("conv_in", ours.conv_in), ("resnet", ours.down_blocks[0].resnets[0]),
+                         ("cross", first_cross), ("out", ours.conv_out)):
+        module.register_forward_pre_hook(lambda m, args, name=name: rows.setdefault(name, []).append(len(args[0])))
+    with torch.no_grad():
+        for t in (500, torch.tensor([10, 981] * n)):
+            rows.clear()
+            assert_close(ours(x, t, ctx), ref(torch.cat([x, x]), t, ctx).sample)
+            shared = isinstance(t, int)
+            assert rows == {"conv_in": [n if shared else 2 * n], "resnet": [n if shared else 2 * n],
+                            "cross": [2 * n], "out": [2 * n]}
+        with pytest.raises(ValueError, match="samples for"):
+            ours(torch.cat([x, x, x]), 500, ctx)
+
+
+def test_sdxl_samples_shared_by_two_texts_are_repeated_from_the_start(sdxl):
+    """SDXL's added conditioning differs per text, and so do its resnets' outputs from the first."""
+    ref = sdxl["unet"]
+    ours = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(ref.config)), ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    added = {"text_embeds": torch.randn(2, 24, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    x, ctx = unet_inputs(2, 8, 8, 2 * CROSS_ATTENTION_DIM)
+    with torch.no_grad():
+        assert_close(ours(x[:1], 500, ctx, added), ref(torch.cat([x[:1]] * 2), 500, ctx, added_cond_kwargs=added).sample)
+
+
 def test_unet_and_vae_with_long_attention_on_onednn(components, monkeypatch):
     """`sdlite.layers.onednn_attention` runs attention over 1,024 keys or more; the tiny models
     have fewer, so the threshold comes down to 16 here (self- and cross-attention, the VAE's too)."""

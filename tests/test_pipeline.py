@@ -11,6 +11,7 @@ from PIL import Image
 
 from conftest import MODEL_KINDS
 from sdlite import StableDiffusion
+from sdlite.layers import context_rows
 
 diffusers = pytest.importorskip("diffusers")
 from reference_models import load_reference_pipeline  # noqa: E402
@@ -135,6 +136,16 @@ def test_a_generation_projects_its_text_once_for_all_steps(reference_model):
         calls.clear()
         assert len(list(sd.generate_latents(prompt, steps=4, seed=0, sampler="euler"))) == 4
         assert cross and sorted(map(id, calls)) == sorted(id(layer.to_k) for layer in cross)
+
+
+def test_guided_steps_give_the_unet_each_latent_once_for_both_texts(reference_model):
+    """Classifier-free guidance denoises the same latents with two texts: the UNet takes them once
+    (it repeats them where the text reaches them, sdlite.layers.repeat_samples)."""
+    sd = StableDiffusion.from_pretrained(reference_model("sd1"))
+    shapes = []
+    sd.unet.register_forward_pre_hook(lambda m, args: shapes.append((len(args[0]), context_rows(args[2]))))
+    list(sd.generate_latents(PROMPT, n_images=2, steps=2, seed=0, sampler="ddim"))
+    assert shapes == [(2, 4)] * 2
 
 
 def test_same_seed_same_image_and_seed_changes_image(reference_model):
