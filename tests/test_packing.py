@@ -204,18 +204,24 @@ def test_onednn_attention_matches_sdpa(batch, queries, keys, heads, monkeypatch)
 @pytest.mark.parametrize("bias", [True, False])
 def test_small_input_3x3_convolutions_run_as_a_gemm(bias, monkeypatch):
     """3x3 convolutions on inputs of at most SMALL_INPUT pixels: the GEMM of their patches gives
-    the convolution's numbers, for weights kept as parameters or materialised per call; larger
-    inputs, other shapes and autograd take the plain convolution."""
+    the convolution's numbers, for weights kept as parameters or materialised per call, transposed
+    where the patches are at most FEW_ROWS rows; larger inputs, other shapes and autograd take the
+    plain convolution."""
     gemms = []
     gemm = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, *a: gemms.append(x.shape) or gemm(x, *a))
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, w, *a: gemms.append((x.shape, w.shape))
+                        or gemm(x, w, *a))
     torch.manual_seed(0)
     conv = layers.Conv2d(6, 5, 3, padding=1, bias=bias).eval()
     strided = layers.Conv2d(6, 5, 3, stride=2, padding=1, bias=bias).eval()
     small, large = torch.randn(2, 6, 4, 5), torch.randn(1, 6, 9, 9)  # 20 and 81 pixels
     with torch.no_grad():
-        assert torch.allclose(conv(small), F.conv2d(small, conv.weight, conv.bias, padding=1), atol=1e-5)
-        assert gemms == [(2 * 20, 6 * 9)]
+        expected = F.conv2d(small, conv.weight, conv.bias, padding=1)
+        assert torch.allclose(conv(small), expected, atol=1e-5)
+        assert gemms.pop() == ((5, 6 * 9), (2 * 20, 6 * 9))  # 40 rows: the weight by the patches
+        monkeypatch.setattr(layers, "FEW_ROWS", 39)
+        assert torch.allclose(conv(small), expected, atol=1e-5)
+        assert gemms == [((2 * 20, 6 * 9), (5, 6 * 9))]
         last = small.to(memory_format=torch.channels_last)  # patches follow the input's strides
         assert torch.allclose(conv(last), F.conv2d(small, conv.weight, conv.bias, padding=1), atol=1e-5)
         gemms.pop()
