@@ -17,7 +17,8 @@ as memory allows): all engines read weights lazily, and disk reads would otherwi
 engine runs after another has read the files.
 
 Figures per engine (all times in seconds, from one text-to-image generation of one image with
-classifier-free guidance, i.e. the UNet runs on a batch of 2):
+classifier-free guidance, i.e. the UNet runs on two texts, the prompt and the negative prompt:
+a batch of 2 for diffusers; sdlite hands its UNet the latents once, as both texts share them):
 
     import          importing the engine (torch included) in a fresh interpreter
     load            from_pretrained (for OpenVINO: plus conversion and compilation)
@@ -30,10 +31,11 @@ classifier-free guidance, i.e. the UNet runs on a batch of 2):
     spawn to first image  cold start, then that call: what a one-shot command-line run waits
     peak RSS        the process's peak resident memory after the generation
     GFLOP/s         UNet FLOPs per call / median step time, and its fraction of the matmul peak.
-                    The FLOPs are counted once for every engine, on the network as written;
-                    sdlite's Winograd convolutions (sdlite.winograd) multiply less, so for
-                    sdlite this is an effective rate, which may pass the peak
-    img/s @ n       UNet throughput for n images with CFG (a batch of 2n) per step, median of --reps
+                    The FLOPs are counted once for every engine, on the network as written at
+                    batch 2; sdlite's Winograd convolutions (sdlite.winograd) multiply less and
+                    its layers before the text runs once on the shared latents, so for sdlite
+                    this is an effective rate, which may pass the peak
+    img/s @ n       UNet throughput for n images with CFG (2n texts) per step, median of --reps
 
 Ratios are to diffusers (for times and memory below 1 is better). With --runs N every engine
 runs N times, in turn (round after round, so drift hits all alike), each time in a fresh process,
@@ -49,6 +51,8 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -203,29 +207,31 @@ def main(argv=None) -> dict:
                 print(f"{engine}: skipped ({reason})", flush=True)
             else:
                 engines.append(engine)
-        runs = {engine: [] for engine in engines}
+        runs, failed = {engine: [] for engine in engines}, set()
         for round_index in range(args.runs):
             # a cache of its own each run, unless one is given: each run converts, as a cold start
-            spec["openvino_cache"] = str(args.openvino_cache or workdir / f"openvino-{round_index}")
-            for engine in [e for e in engines if e in runs]:  # an engine that failed runs no more
+            fresh_cache = workdir / "openvino"
+            spec["openvino_cache"] = str(args.openvino_cache or fresh_cache)
+            for engine in [e for e in engines if e not in failed]:  # an engine that failed runs no more
                 print(f"{engine} (run {round_index + 1} of {args.runs}) ...", flush=True)
                 read_files(model)
                 t0 = time.time()
                 image = workdir / f"{engine}.png"
                 result = run_process(dict(spec, engine=engine, image=str(image)), workdir, args.timeout)
                 if "error" in result:
-                    results["notes"].append(f"{engine} failed: {result['error']}")
+                    results["notes"].append(f"{engine} failed in run {round_index + 1}: {result['error']}")
                     print(f"{engine}: FAILED {result['error']}", flush=True)
-                    del runs[engine]
+                    failed.add(engine)
                 else:
                     runs[engine].append(result)
                     print(f"{engine}: done in {time.time() - t0:.1f} s", flush=True)
-        results["engines"] = {engine: combine_runs(done) for engine, done in runs.items()}
+            shutil.rmtree(fresh_cache, ignore_errors=True)  # GBs of IR for a full-size UNet
+        results["engines"] = {engine: combine_runs(done) for engine, done in runs.items() if done}
         if args.runs > 1:
             results["notes"].append(f"Every figure is the median of {args.runs} runs in fresh processes, engines in "
                                     "turn (peak RSS: the largest); end to end in each run: "
-                                    + "; ".join(f"{e} " + ", ".join(fmt(t) for t in r["runs"]["end_to_end_s"])
-                                                + " s" for e, r in results["engines"].items()))
+                                    + "; ".join(f"{e} " + ", ".join(fmt(r["end_to_end_s"]) for r in done) + " s"
+                                                for e, done in runs.items() if done))
         reference = workdir / "diffusers.png"
         for engine, result in results["engines"].items():
             if reference.is_file():  # the same seed should give the same image in every engine
@@ -248,8 +254,6 @@ def combine_runs(runs: list[dict]) -> dict:
     """One engine's figures from its runs: the last run's entry with every number the median of the
     runs' (per key for dicts such as images/s), the largest peak RSS, and under "runs" each run's
     end-to-end and first-step times. With one run, that run's entry as it is."""
-    import statistics
-
     if len(runs) == 1:
         return runs[0]
     combined = dict(runs[-1])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPConfig
-from .layers import Linear
+from .layers import Linear, unpacked
 
 
 @dataclass
@@ -105,9 +105,7 @@ class CLIPTextModel(nn.Module):
         self.text_model = CLIPTextTransformer(config)
         if config.with_projection:
             self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
-        for module in self.modules():  # run once per image: oneDNN on the plain weights (`Linear`)
-            if isinstance(module, Linear):
-                module.prepack = False
+        unpacked(self)  # run once per image: oneDNN on the plain weights (`Linear`)
 
     def forward(self, input_ids: torch.Tensor) -> CLIPOutput:
         """input_ids: (B, T) token ids, T <= max_position_embeddings. Causal mask, no padding mask

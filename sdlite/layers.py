@@ -1,6 +1,8 @@
-"""Building blocks shared by the UNet and the VAE: a Linear layer that runs CPU inference on
-prepacked oneDNN weights, a Conv2d that also takes large weights kept at rest in slices,
-multi-head attention (SDPA, or oneDNN GEMMs for long sequences on CPUs where MKL is slow), the
+"""Building blocks shared by the UNet, the VAE and the text encoders: a Linear layer that runs
+CPU inference on oneDNN (prepacked weights, or plain ones in networks run once per image,
+`unpacked`), a Conv2d that also takes large weights kept at rest in slices, multi-head attention
+(SDPA, or oneDNN GEMMs for long sequences on CPUs where MKL is slow), the text context a
+generation keeps (`ProjectedContext`) and the latents its texts share (`repeat_samples`), the
 resnet, down- and upsampling blocks, the sinusoidal timestep embedding and the activation table.
 Weight names follow diffusers'.
 
@@ -8,7 +10,7 @@ Convolutions run on prepacked weights as well, and their activations stay channe
 one to the next, which oneDNN takes without re-laying them out: an SD 2.1 UNet call at 256 px
 took 1.46 against 1.51 s (Intel Xeon, in-process A/B), for 0.2 s more in the first call. (Packed
 convolutions whose outputs were copied back to NCHW had been slower on an AMD EPYC.) The VAE
-keeps plain ones (`Conv2d.prepack`; sdlite.vae says why). Most 3x3 convolutions run neither
+keeps plain ones (`unpacked`; sdlite.vae says why). Most 3x3 convolutions run neither
 way: those of at least 128 channels in and out on inputs at least 8 pixels a side use
 Winograd's algorithm (`sdlite.winograd`, where sdlite's C kernels are built; the weights
 transformed once and kept, or per call from 16 pixels a side), those on inputs of at most 64
@@ -131,10 +133,11 @@ class Conv2d(nn.Conv2d):
     are transformed in each call that is large enough to pay for it (`winograd.ONCE_SIDE`) and
     dropped; `winograd` None keeps the layer off it. Otherwise, on an input of at most `SMALL_INPUT`
     pixels it runs as one oneDNN GEMM of the input's 3x3 patches by the weight
-    viewed as a matrix. On small inputs oneDNN's direct convolution spends its time laying out
-    the weight: SD 2.1's 1280-channel convolutions at batch 2 took 3.9 against 7.8 ms on 4x4
-    inputs and 12.9 against 16.5 ms on 8x8; on 16x16 the GEMM was 1.6x slower. (Prepacking the
-    matrix saved another 5-15% a call but cost about 0.6 s in the first UNet call.)
+    viewed as a matrix (`patches_by_weight`, transposed for few patches). On small inputs oneDNN's
+    direct convolution spends its time laying out the weight: SD 2.1's 1280-channel convolutions
+    at batch 2 took 3.9 against 7.8 ms on 4x4 inputs and 12.9 against 16.5 ms on 8x8 (an earlier
+    AMD EPYC); on 16x16 the GEMM was 1.6x slower. (Prepacking the matrix saved another 5-15% a
+    call but cost about 0.6 s in the first UNet call.)
 
     Other convolutions run on a prepacked copy of the weight (`onednn_weight`), as `Linear`
     does, and give channels-last outputs, which the next convolution takes without a re-layout;
@@ -196,18 +199,30 @@ FEW_ROWS = 64  # a GEMM of patches with at most this many rows runs transposed (
 
 
 def patches_by_weight(patches: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """patches @ weight^T + bias, contiguous (rows, K), on oneDNN, for a plain (K, C*9) weight that
-    is not kept packed. oneDNN lays out its second operand for each call; with few rows (at most
-    `FEW_ROWS`) the product runs transposed, weight @ patches^T, so that operand is the patches,
-    not the weight. SD 2.1's 1280-channel convolutions at 4x4, batch 2 (32 rows, 2 threads, AMD
-    EPYC): 4.9 against 6.4 ms, 9.8 against 12.6 ms with 2560 channels in; even at 128 rows, slower
-    from 154 rows of smaller weights (linear layers)."""
+    """patches @ weight^T + bias as a contiguous (rows, output channels) matrix, on oneDNN, for a
+    plain (output channels, C*9) weight that is not kept packed. oneDNN lays out its second
+    operand in every call; with at most `FEW_ROWS` rows the product runs transposed, weight @
+    patches^T, so that operand is the few patches, not the weight. SD 2.1's 1280-channel
+    convolutions at 4x4, batch 2 (32 rows; 2 threads, AMD EPYC): 4.9 against 6.4 ms, 9.8 against
+    12.6 ms with 2560 channels in. The gain shrinks with the rows: 10% at 64, none at 128 (and
+    linear layers' smaller weights lost from 154 rows), hence the limit."""
     gemm = torch.ops.mkldnn._linear_pointwise
     if len(patches) > FEW_ROWS:
         return gemm(patches, weight, bias, "none", [], "")
     product = gemm(weight, patches, None, "none", [], "").t()
-    out = torch.empty(product.shape, dtype=product.dtype)
+    # contiguous rows, which the caller views as (B, H, W, channels): an add to the transposed
+    # product would keep its strides
+    out = product.new_empty(product.shape)
     return out.copy_(product) if bias is None else torch.add(product, bias, out=out)
+
+
+def unpacked(network: nn.Module) -> nn.Module:
+    """`network` with `prepack` False in its `Linear` and `Conv2d` layers: nothing kept packed or
+    transformed, for networks run once per image (the text encoders, the VAE)."""
+    for module in network.modules():
+        if isinstance(module, (Linear, Conv2d)):
+            module.prepack = False
+    return network
 
 
 def limit_winograd(network: nn.Module, use: str | None) -> nn.Module:
@@ -344,11 +359,16 @@ def repeat_samples(x: torch.Tensor, rows: int) -> torch.Tensor:
     samples than text contexts: classifier-free guidance denoises the same latents with two
     texts, and the layers before the text first reaches them (SD 2.1: the first resnet and
     self-attention) run once per sample instead of once per text."""
-    if x.shape[0] == rows:
-        return x
-    if rows % x.shape[0]:
-        raise ValueError(f"{x.shape[0]} samples for {rows} text contexts: give as many, or a number that divides them")
-    return x.repeat(rows // x.shape[0], *[1] * (x.dim() - 1))
+    copies = repeats(x.shape[0], rows)
+    return x if copies == 1 else torch.cat([x] * copies)  # (`repeat` gives NCHW for channels-last inputs)
+
+
+def repeats(samples: int, rows: int) -> int:
+    """How many times `samples` samples repeat to `rows` text contexts (`repeat_samples`); a clear
+    error where they do not."""
+    if samples < 1 or rows % samples:
+        raise ValueError(f"{samples} samples for {rows} text contexts: give as many, or a number that divides them")
+    return rows // samples
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0,

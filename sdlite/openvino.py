@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layers import ProjectedContext, repeat_samples
+from .layers import ProjectedContext, context_rows, repeat_samples
 from .loading import cache_folder
 
 
@@ -106,9 +106,9 @@ class OpenVINOUNet(nn.Module):
         if not bool((t == t[0]).all()):
             raise ValueError("the OpenVINO UNet takes one timestep for the whole batch")
         t = t[0]
+        sample = repeat_samples(sample, context_rows(encoder_hidden_states))  # shared by the texts, as the UNet takes
         if isinstance(encoder_hidden_states, ProjectedContext):  # the projections are in the converted network
             encoder_hidden_states = encoder_hidden_states.states
-        sample = repeat_samples(sample, len(encoder_hidden_states))  # samples shared by the texts, as the UNet takes
         inputs = [sample.float().contiguous().numpy(), t.numpy(), encoder_hidden_states.float().contiguous().numpy()]
         out = self.compiled_for(sample.shape[0])(inputs)[0]
         return torch.from_numpy(out).to(sample.dtype)

@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import UNetConfig
 from .layers import (Attention, Conv2d, Downsample2D, Linear, ProjectedContext, ResnetBlock2D, Upsample2D, activation,
-                     context_rows, repeat_samples, timestep_embedding)
+                     context_rows, repeat_samples, repeats, timestep_embedding)
 
 
 class GEGLU(nn.Module):
@@ -84,10 +84,11 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (b, L, dim) tokens of b samples, for a context of b or k*b rows (`repeat_samples`)."""
+        rows = context_rows(context)
         if self.only_cross:
-            x = repeat_samples(x, context_rows(context))
+            x = repeat_samples(x, rows)
         x = x + self.attn1(self.norm1(x), context if self.only_cross else None)
-        x = repeat_samples(x, context_rows(context))  # the text makes the samples differ from here on
+        x = repeat_samples(x, rows)  # the text makes the samples differ from here on
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -255,6 +256,8 @@ class UNet2DConditionModel(nn.Module):
         t = torch.as_tensor(timestep, device=device)
         # One timestep for the whole batch stays (1, D) and broadcasts in the resnets: the same
         # numbers, and the batch size is not baked into a traced graph (OpenVINO reshapes it).
+        if t.numel() not in (1, B):
+            raise ValueError(f"timestep: one value, or one per text context ({B}), not {t.numel()}")
         t = t.reshape(-1) if t.numel() == 1 else t.expand(B)
         emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos,
                                                      c.freq_shift).to(dtype))
@@ -293,6 +296,7 @@ class UNet2DConditionModel(nn.Module):
         """`forward`'s work, call by call."""
         context = encoder_hidden_states
         rows = context_rows(context)
+        repeats(sample.shape[0], rows)  # bad batches fail here, not in the first cross-attention
         emb = self.time_embed(timestep, rows, sample.dtype, sample.device, added_cond)
         if emb.shape[0] != 1:  # conditioning per sample: the samples differ from the first layer on
             sample = repeat_samples(sample, rows)

@@ -195,6 +195,49 @@ def test_samples_shared_by_two_texts_run_once_until_the_text_reaches_them(compon
             ours(torch.cat([x, x, x]), 500, ctx)
 
 
+@pytest.mark.parametrize("layout", ["no cross-attention", "only cross-attention", "mid block only"])
+def test_samples_shared_by_two_texts_in_other_unet_layouts(layout):
+    """Shared samples meet the text first in attn1 (only_cross_attention), in the mid block, or
+    nowhere (the output is repeated): the diffusers UNet's output for the samples repeated."""
+    import diffusers
+
+    torch.manual_seed(0)
+    cross = layout != "no cross-attention"
+    levels = ("CrossAttnDownBlock2D", "DownBlock2D") if layout == "only cross-attention" else ("DownBlock2D",) * 2
+    ref = diffusers.UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, cross_attention_dim=CROSS_ATTENTION_DIM, norm_num_groups=8,
+        block_out_channels=(16, 32), attention_head_dim=4, down_block_types=levels,
+        up_block_types=tuple(t.replace("Down", "Up") for t in levels[::-1]),
+        mid_block_type="UNetMidBlock2DCrossAttn" if layout == "mid block only" else None,
+        only_cross_attention=layout == "only cross-attention").eval()
+    ours = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(ref.config)), ref.state_dict())
+    x, ctx = unet_inputs(2, 8, 8, CROSS_ATTENTION_DIM)
+    first = ours.conv_in.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
+    rows = []
+    with torch.no_grad():
+        assert_close(ours(x[:1], 500, ctx), ref(torch.cat([x[:1]] * 2), 500, ctx).sample)
+    assert rows == [1] and cross == any(name.endswith("attn2") for name, _ in ours.named_modules())
+    first.remove()
+
+
+def test_shared_samples_keep_their_layout_and_bad_batches_fail_up_front(components):
+    from sdlite.layers import repeat_samples
+
+    x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert repeat_samples(x, 2).is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(repeat_samples(x, 2), torch.cat([x, x])) and repeat_samples(x, 1) is x
+    ref = components["unet"]
+    ours = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(ref.config)), ref.state_dict())
+    calls = []
+    ours.conv_in.register_forward_pre_hook(lambda *a: calls.append(1))
+    x, ctx = unet_inputs(4, 8, 8, CROSS_ATTENTION_DIM)
+    with torch.no_grad(), pytest.raises(ValueError, match="3 samples for 4 text contexts"):
+        ours(x[:3], 500, ctx)
+    with torch.no_grad(), pytest.raises(ValueError, match="timestep: one value, or one per text context"):
+        ours(x[:2], torch.tensor([10, 981]), ctx)
+    assert not calls
+
+
 def test_sdxl_samples_shared_by_two_texts_are_repeated_from_the_start(sdxl):
     """SDXL's added conditioning differs per text, and so do its resnets' outputs from the first."""
     ref = sdxl["unet"]
