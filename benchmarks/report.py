@@ -92,7 +92,8 @@ def markdown(results: dict) -> str:
         lines.append("| max pixel difference to diffusers' image | "
                      + " | ".join("–" if diffs[e] is None else f"{diffs[e]}/255" for e in engines) + " |")
     lines += ["", "Ratios in brackets are to diffusers. " + " ".join(f"{n}." for n in results["notes"]).strip(),
-              "", f"Command: `{results['command']}`", ""]
+              "", f"Command: `{results['command']}`" + (f" (commit {results['commit']})" if results.get("commit") else ""),
+              ""]
     return "\n".join(lines)
 
 

@@ -33,16 +33,18 @@ a batch of 2 for diffusers; sdlite hands its UNet the latents once, as both text
     GFLOP/s         UNet FLOPs per call / median step time, and its fraction of the matmul peak.
                     The FLOPs are counted once for every engine, on the network as written at
                     batch 2; sdlite's Winograd convolutions (sdlite.winograd) multiply less and
-                    its layers before the text runs once on the shared latents, so for sdlite
+                    its layers before the text run once on the shared latents, so for sdlite
                     this is an effective rate, which may pass the peak
     img/s @ n       UNet throughput for n images with CFG (2n texts) per step, median of --reps
 
 Ratios are to diffusers (for times and memory below 1 is better). With --runs N every engine
 runs N times, in turn (round after round, so drift hits all alike), each time in a fresh process,
-and every figure is the median of its N values (peak RSS: the largest). A fresh process's first
-UNet step writes the weights sdlite keeps packed and transformed, and on some machines (virtual
-ones that hand freed memory back to their host) writing fresh memory takes several times longer
-from one minute to the next: sdlite's first step at 256 px has taken 4-13 s for the same work.
+and every figure is the median of an engine's runs (peak RSS: the largest; an engine that fails
+stops, keeping the runs it finished, and the notes say how many). A fresh process's first UNet
+step writes the weights sdlite keeps packed and transformed, and on some machines (virtual ones
+that hand freed memory back to their host) writing fresh memory takes several times longer from
+one minute to the next: sdlite's first step at 256 px has taken 4-14 s for the same work. The
+results record the commit measured (and whether the tree had changes).
 Results are written to `benchmarks/results/<name>.{json,md,png}`.
 """
 
@@ -190,7 +192,7 @@ def main(argv=None) -> dict:
     name = args.name or f"{args.model}-{args.size}px-{args.steps}steps-{device.replace(':', '')}-{dtype}"
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"settings": {k: v for k, v in spec.items() if k not in ("gemm_sizes", "gemm_reps")},
-               "model_name": args.model, "command": command, "engines": {}, "notes": []}
+               "model_name": args.model, "command": command, "commit": measured_commit(), "engines": {}, "notes": []}
     results["settings"]["model"] = args.model
     with tempfile.TemporaryDirectory(prefix="sdlite-bench-") as tmp:
         workdir = Path(tmp)
@@ -209,7 +211,7 @@ def main(argv=None) -> dict:
                 engines.append(engine)
         runs, failed = {engine: [] for engine in engines}, set()
         for round_index in range(args.runs):
-            # a cache of its own each run, unless one is given: each run converts, as a cold start
+            # unless a cache is given, each run converts afresh (a cold start) into a folder emptied after it
             fresh_cache = workdir / "openvino"
             spec["openvino_cache"] = str(args.openvino_cache or fresh_cache)
             for engine in [e for e in engines if e not in failed]:  # an engine that failed runs no more
@@ -228,10 +230,12 @@ def main(argv=None) -> dict:
             shutil.rmtree(fresh_cache, ignore_errors=True)  # GBs of IR for a full-size UNet
         results["engines"] = {engine: combine_runs(done) for engine, done in runs.items() if done}
         if args.runs > 1:
-            results["notes"].append(f"Every figure is the median of {args.runs} runs in fresh processes, engines in "
-                                    "turn (peak RSS: the largest); end to end in each run: "
-                                    + "; ".join(f"{e} " + ", ".join(fmt(r["end_to_end_s"]) for r in done) + " s"
-                                                for e, done in runs.items() if done))
+            results["notes"].append(f"Every figure is the median of an engine's runs ({args.runs} each unless said) in "
+                                    "fresh processes, engines in turn (peak RSS: the largest); end to end in each "
+                                    "run, in turn: " + "; ".join(
+                                        f"{e} " + ", ".join(fmt(r["end_to_end_s"]) for r in done) + " s"
+                                        + ("" if len(done) == args.runs else f" ({len(done)} of {args.runs} runs)")
+                                        for e, done in runs.items() if done))
         reference = workdir / "diffusers.png"
         for engine, result in results["engines"].items():
             if reference.is_file():  # the same seed should give the same image in every engine
@@ -248,6 +252,22 @@ def main(argv=None) -> dict:
     print("\n" + paths["md"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return results
+
+
+def measured_commit() -> str | None:
+    """The repository's commit, with "+changes" where the tree differs from it (files under
+    benchmarks/results/ aside: runs write there), or None outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        status = git("status", "--porcelain", "--", ".", ":!benchmarks/results")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0 or status.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if status.stdout.strip() else "")
 
 
 def combine_runs(runs: list[dict]) -> dict:

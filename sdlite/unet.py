@@ -254,10 +254,10 @@ class UNet2DConditionModel(nn.Module):
         when one timestep serves the whole batch."""
         c = self.config
         t = torch.as_tensor(timestep, device=device)
-        # One timestep for the whole batch stays (1, D) and broadcasts in the resnets: the same
-        # numbers, and the batch size is not baked into a traced graph (OpenVINO reshapes it).
         if t.numel() not in (1, B):
             raise ValueError(f"timestep: one value, or one per text context ({B}), not {t.numel()}")
+        # One timestep for the whole batch stays (1, D) and broadcasts in the resnets: the same
+        # numbers, and the batch size is not baked into a traced graph (OpenVINO reshapes it).
         t = t.reshape(-1) if t.numel() == 1 else t.expand(B)
         emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos,
                                                      c.freq_shift).to(dtype))

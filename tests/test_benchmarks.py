@@ -83,6 +83,35 @@ def test_runs_give_median_figures_and_the_largest_peak_rss():
         run.parse_args(["--runs", "0"])
 
 
+def test_an_engine_that_fails_in_a_later_run_keeps_the_runs_it_finished(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "config.json").write_text("{}")
+    monkeypatch.setattr(run, "build_model", lambda *args: model)
+    monkeypatch.setattr(run, "engine_skip_reason", lambda *args: None)
+    calls = []
+
+    def fake_process(spec, workdir, timeout):
+        if spec["engine"] == "probe":
+            return {"machine": {"cpu": "test", "gemm_peak_gflops": 100.0, "torch": "2"}, "unet_flops": {"1": 1e9}}
+        calls.append(spec["engine"])
+        if calls == ["sdlite", "diffusers", "sdlite"]:
+            return {"engine": "sdlite", "error": "out of memory"}
+        return {"engine": spec["engine"], "end_to_end_s": float(len(calls)), "unet_step_s": 1.0,
+                "peak_rss_mb": 100.0 * len(calls), "unet_images_per_s": {"1": 1.0}}
+
+    monkeypatch.setattr(run, "run_process", fake_process)
+    results = run.main(["--quick", "--runs", "3", "--engines", "sdlite,diffusers", "--out", str(tmp_path),
+                        "--name", "partial"])
+    assert calls == ["sdlite", "diffusers", "sdlite", "diffusers", "diffusers"]
+    assert results["engines"]["sdlite"]["end_to_end_s"] == 1.0  # its one finished run
+    assert results["engines"]["diffusers"]["end_to_end_s"] == 4.0 and results["engines"]["diffusers"]["peak_rss_mb"] == 500
+    notes = " ".join(results["notes"])
+    assert "sdlite failed in run 2: out of memory" in notes and "sdlite 1.00 s (1 of 3 runs)" in notes
+    assert "diffusers 2.00, 4.00, 5.00 s" in notes and "3 runs)" not in notes.split("diffusers 2.00")[1]
+    assert results["commit"] is None or results["commit"].startswith(run.measured_commit()[:7])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_quick_benchmark_on_cuda(tmp_path):
     results = run.main(["--quick", "--device", "cuda", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path),

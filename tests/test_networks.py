@@ -212,8 +212,8 @@ def test_samples_shared_by_two_texts_in_other_unet_layouts(layout):
         only_cross_attention=layout == "only cross-attention").eval()
     ours = build_ours(UNet2DConditionModel, UNetConfig.from_json(dict(ref.config)), ref.state_dict())
     x, ctx = unet_inputs(2, 8, 8, CROSS_ATTENTION_DIM)
-    first = ours.conv_in.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
     rows = []
+    first = ours.conv_in.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
     with torch.no_grad():
         assert_close(ours(x[:1], 500, ctx), ref(torch.cat([x[:1]] * 2), 500, ctx).sample)
     assert rows == [1] and cross == any(name.endswith("attn2") for name, _ in ours.named_modules())
