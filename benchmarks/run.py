@@ -255,14 +255,14 @@ def main(argv=None) -> dict:
 
 
 def measured_commit() -> str | None:
-    """The repository's commit, with "+changes" where the tree differs from it (files under
+    """The repository's commit, with "+changes" where tracked files differ from it (files under
     benchmarks/results/ aside: runs write there), or None outside a git checkout."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        status = git("status", "--porcelain", "--", ".", ":!benchmarks/results")
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode != 0 or status.returncode != 0:
