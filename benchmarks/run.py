@@ -210,10 +210,10 @@ def main(argv=None) -> dict:
             else:
                 engines.append(engine)
         runs, failed = {engine: [] for engine in engines}, set()
+        # unless a cache is given, each run converts afresh (a cold start) into a folder emptied after it
+        fresh_cache = workdir / "openvino"
+        spec["openvino_cache"] = str(args.openvino_cache or fresh_cache)
         for round_index in range(args.runs):
-            # unless a cache is given, each run converts afresh (a cold start) into a folder emptied after it
-            fresh_cache = workdir / "openvino"
-            spec["openvino_cache"] = str(args.openvino_cache or fresh_cache)
             for engine in [e for e in engines if e not in failed]:  # an engine that failed runs no more
                 print(f"{engine} (run {round_index + 1} of {args.runs}) ...", flush=True)
                 read_files(model)
