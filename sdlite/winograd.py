@@ -97,13 +97,8 @@ def tiling(conv, x: torch.Tensor, kept: Tiling | None = None, once: bool = False
 def transform_weight(weight: torch.Tensor, tiling: Tiling, pack: bool = True) -> list[torch.Tensor]:
     """The t*t transformed weights G w G^T of a (K, C, 3, 3) weight, (K, C) matrices for oneDNN's
     GEMM, prepacked unless `pack` is False (weights used once: the GEMM lays them out itself)."""
-    K, C = weight.shape[:2]
-    t = tiling.m + 2
-    G = tiling.matrix("G")
-    # kron(G, G) (t*t, 9) times the 9 taps of each (k, c): (t*t, K*C)
-    products = torch.kron(G, G).float() @ weight.reshape(K * C, 9).t()
-    matrices = [p.view(K, C) for p in products.unbind()]
-    return [torch.ops.mkldnn._reorder_linear_weight(m, None) for m in matrices] if pack else matrices
+    matrices = kernels.winograd_weight(weight, _float(tiling, "G")).unbind()
+    return [torch.ops.mkldnn._reorder_linear_weight(m, None) for m in matrices] if pack else list(matrices)
 
 
 def conv(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, tiling: Tiling) -> torch.Tensor:

@@ -55,6 +55,23 @@ def test_the_c_transforms_match_torch(tiling, size, threads):
     assert torch.allclose(out.double(), expected, atol=1e-4)  # every output written (no NaN left)
 
 
+@pytest.mark.parametrize("tiling", TILINGS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_c_weight_transform_matches_torch(tiling, threads):
+    torch.manual_seed(0)
+    weight = torch.randn(10, 13, 3, 3)[::2]  # 5 x 13 filters: a block of 64 and a rest; not contiguous
+    G = tiling.matrix("G")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        U = kernels.winograd_weight(weight, G.float())
+    finally:
+        torch.set_num_threads(before)
+    t = tiling.m + 2
+    expected = torch.einsum("ai,kcij,bj->abkc", G, weight.double(), G).reshape(t * t, 5, 13)
+    assert torch.allclose(U.double(), expected, atol=1e-6)
+
+
 def test_the_c_transforms_refuse_what_they_do_not_take():
     BT, AT = winograd.F2.matrix("BT").float(), winograd.F2.matrix("AT").float()
     x = torch.randn(1, 8, 4, 4).to(memory_format=torch.channels_last)
@@ -66,6 +83,13 @@ def test_the_c_transforms_refuse_what_they_do_not_take():
         kernels.winograd_input(x, 2, BT, 2, 3)  # 4 tiles
     with pytest.raises(ValueError, match="t x t"):
         kernels.winograd_input(x.double(), 2, BT.double(), 0, 4)
+    G = winograd.F2.matrix("G").float()
+    with pytest.raises(ValueError, match="3, 3"):
+        kernels.winograd_weight(torch.randn(8, 8, 1, 1), G)
+    with pytest.raises(ValueError, match="t x 3"):
+        kernels.winograd_weight(torch.randn(8, 8, 3, 3), G.t())
+    with pytest.raises(ValueError, match="fp32"):
+        kernels.winograd_weight(torch.randn(8, 8, 3, 3).double(), G)
     out = torch.empty(1, 4, 4, 8)
     with pytest.raises(ValueError, match="products"):
         kernels.winograd_output([torch.randn(4, 8)] * 15, None, AT, out, 0)  # 16 needed
