@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .keys import canonical_state
+from .memory import note_file_mapping
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -85,7 +86,10 @@ def read_safetensors(path: Path, cast_to: torch.dtype | None = None) -> dict[str
         if not isinstance(header, dict):
             raise CheckpointError(f"{path} is not a safetensors file (its header is not a json object)")
         data_start = 8 + header_len
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > data_start else b""
+        mapped = b""
+        if size > data_start:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            note_file_mapping(mapped)
         header.pop("__metadata__", None)
         tensors = {}
         for name, entry in header.items():

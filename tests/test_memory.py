@@ -221,6 +221,32 @@ def test_release_weights_drops_mapped_pages_and_keeps_every_value(tmp_path):
 
 
 @pytest.mark.skipif(memory.c_library() is None, reason="madvise needs Linux")
+def test_the_mapped_files_are_known_while_their_tensors_live(tmp_path):
+    """`release_pages` releases views of the files sdlite maps (`note_file_mapping`), without
+    reading /proc/self/maps; a mapping's range is forgotten when it is freed. torch.load's
+    memory-mapped tensors count one change already, and are left alone."""
+    from safetensors.torch import save_file
+
+    from sdlite.loading import read_safetensors
+
+    values = torch.arange(16 << 20, dtype=torch.float32)  # 64 MiB
+    save_file({"weight": values}, str(tmp_path / "w.safetensors"))
+    torch.save({"weight": values}, tmp_path / "w.ckpt")
+    mapped = read_safetensors(tmp_path / "w.safetensors")["weight"]
+    loaded = torch.load(tmp_path / "w.ckpt", mmap=True, weights_only=True)["weight"]
+    assert torch.equal(mapped, values) and torch.equal(loaded, values)  # every page resident now
+    before = resident_mib()
+    memory.release_pages([mapped, loaded])
+    assert 48 < before - resident_mib() < 96  # one of them
+    assert torch.equal(mapped, values) and torch.equal(loaded, values)
+    address = mapped.data_ptr()
+    assert any(lo <= address < hi for lo, hi in memory._mapped_files.values())
+    del mapped
+    gc.collect()
+    assert not any(lo <= address < hi for lo, hi in memory._mapped_files.values())
+
+
+@pytest.mark.skipif(memory.c_library() is None, reason="madvise needs Linux")
 def test_release_weights_covers_weights_kept_at_rest(tmp_path):
     from safetensors.torch import save_file
 
