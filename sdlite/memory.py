@@ -267,8 +267,9 @@ def release_pages(tensors) -> None:
     when next read. Only tensors that are views of a weights file sdlite mapped
     (`note_file_mapping`) and were never modified in place (their version counter is 0) are
     released: for others DONTNEED would revert a change or, for anonymous memory, zero them.
-    (torch.load's memory-mapped .ckpt tensors already count one change, and are kept.) A write through `.data` does not count, so sdlite never writes
-    into weights; cast or merged weights (LoRA merges replace tensors) are not file-backed.
+    (torch.load's memory-mapped .ckpt tensors already count one change, and are kept.) A write
+    through `.data` does not count, so sdlite never writes into weights; cast or merged weights
+    (LoRA merges replace tensors) are not file-backed.
     (MADV_PAGEOUT, used before, also evicted the pages from the page cache: slower, and the next
     process had to read them from disk again.)"""
     libc = c_library()
