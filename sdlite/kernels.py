@@ -256,10 +256,10 @@ def winograd_weight(weight: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """The Winograd weight transform as in `SOURCE`: the (t*t, K, C) products G w G^T of a CPU
     fp32 (K, C, 3, 3) weight's filters w, for the contiguous fp32 t x 3 matrix `G` (t at most 8).
     Takes the library `library()` built (callers ask for it first, as `winograd.tiling` does)."""
-    K, C = weight.shape[:2]
-    t = len(G)
-    if weight.shape[2:] != (3, 3) or G.shape != (t, 3) or not 2 < t <= 8 or not cpu_fp32(weight, G) or not G.is_contiguous():
+    if (weight.dim() != 4 or weight.shape[2:] != (3, 3) or G.dim() != 2 or G.shape[1] != 3 or not 2 < len(G) <= 8
+            or not cpu_fp32(weight, G) or not G.is_contiguous()):
         raise ValueError("winograd_weight takes a CPU fp32 (K, C, 3, 3) weight and a contiguous t x 3 matrix (t <= 8)")
+    K, C, t = *weight.shape[:2], len(G)
     weight = weight.contiguous()
     U = torch.empty(t * t, K, C, dtype=torch.float32, device="cpu")
     library().winograd_weight(weight.data_ptr(), K * C, t, G.data_ptr(), U.data_ptr())

@@ -244,38 +244,55 @@ def page_range(t: torch.Tensor) -> tuple[int, int]:
 
 def note_file_mapping(mapped) -> None:
     """Remember the address range of `mapped`, a writable `mmap.mmap` of a weights file whose
-    tensors view it (`sdlite.loading`), until the mapping object is freed: the file-backed memory
-    `release_pages` may release. (It read /proc/self/maps instead, about 1 ms a read, once for each
-    weight packed in a UNet's first call: 0.25 s of SD 2.1's at 256 px.) sdlite never closes these
-    mappings; they are unmapped when the last tensor viewing them is freed, after the range is
-    forgotten."""
+    tensors view it (`sdlite.loading`), while the mapping object lives and is open: file-backed
+    memory `release_pages` may release without reading /proc/self/maps (about 1 ms a read, once
+    for each weight packed in a UNet's first call: 0.25 s of SD 2.1's at 256 px)."""
     import ctypes
 
     view = ctypes.c_char.from_buffer(mapped)
     start = ctypes.addressof(view)
-    del view  # an export of the buffer would keep the mapping from being closed
-    _mapped_files[id(mapped)] = (start, start + len(mapped))
-    weakref.finalize(mapped, _mapped_files.pop, id(mapped), None)
+    del view
+    key = id(mapped)
+    # The entry goes with the object; until then a dead reference marks it stale (`release_pages`).
+    _mapped_files[key] = (weakref.ref(mapped, lambda _: _mapped_files.pop(key, None)), start, start + len(mapped))
 
 
-_mapped_files = {}  # id of a live mapping -> its (start, end) address range (`note_file_mapping`)
+_mapped_files = {}  # id of a mapping -> (weak reference to it, start, end) (`note_file_mapping`)
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed memory mappings (Linux; else none)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[4] != "0":  # an inode: backed by a file
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
 
 
 def release_pages(tensors) -> None:
     """Take the pages of memory-mapped weights out of this process's resident memory with
     madvise(MADV_DONTNEED): the kernel's page cache keeps them, and they fault back in from it
-    when next read. Only tensors that are views of a weights file sdlite mapped
-    (`note_file_mapping`) and were never modified in place (their version counter is 0) are
-    released: for others DONTNEED would revert a change or, for anonymous memory, zero them.
-    (torch.load's memory-mapped .ckpt tensors already count one change, and are kept.) A write
-    through `.data` does not count, so sdlite never writes into weights; cast or merged weights
-    (LoRA merges replace tensors) are not file-backed.
+    when next read. Only tensors that are views of a file and were never modified in place (their
+    version counter is 0) are released: for others DONTNEED would revert a change or, for
+    anonymous memory, zero them. A write through `.data` does not count, so sdlite never writes
+    into weights; cast or merged weights (LoRA merges replace tensors) are not file-backed. The
+    files sdlite maps itself are known (`note_file_mapping`); for other tensors (torch.load's
+    mappings of .ckpt files) /proc/self/maps is read, once a call.
     (MADV_PAGEOUT, used before, also evicted the pages from the page cache: slower, and the next
     process had to read them from disk again.)"""
     libc = c_library()
     if libc is None:
         return
-    mapped = list(_mapped_files.values())
+    # The mappings held for the loop: none is unmapped before it ends (sdlite closes none).
+    noted = [(m, lo, hi) for ref, lo, hi in list(_mapped_files.values()) if (m := ref()) is not None and not m.closed]
+    others = None
     for t in tensors:
         try:
             if t.device.type != "cpu" or t._version:
@@ -283,8 +300,13 @@ def release_pages(tensors) -> None:
         except RuntimeError:  # an inference tensor has no version counter: it was made, not mapped
             continue
         start, end = page_range(t)
-        if end > start and any(lo <= start and end <= hi for lo, hi in mapped):
-            libc.madvise(start, end - start, MADV_DONTNEED)
+        if end <= start:
+            continue
+        if not any(lo <= start and end <= hi for _, lo, hi in noted):
+            others = file_mappings() if others is None else others
+            if not any(lo <= start and end <= hi for lo, hi in others):
+                continue
+        libc.madvise(start, end - start, MADV_DONTNEED)
 
 
 def release_weights(network: nn.Module) -> None:

@@ -221,10 +221,11 @@ def test_release_weights_drops_mapped_pages_and_keeps_every_value(tmp_path):
 
 
 @pytest.mark.skipif(memory.c_library() is None, reason="madvise needs Linux")
-def test_the_mapped_files_are_known_while_their_tensors_live(tmp_path):
-    """`release_pages` releases views of the files sdlite maps (`note_file_mapping`), without
-    reading /proc/self/maps; a mapping's range is forgotten when it is freed. torch.load's
-    memory-mapped tensors count one change already, and are left alone."""
+def test_the_files_sdlite_maps_are_known_and_others_found_in_the_process_maps(tmp_path, monkeypatch):
+    """`release_pages` releases views of the files sdlite maps (`note_file_mapping`) without
+    reading /proc/self/maps, and other file-backed views (torch.load's .ckpt mappings; `.data`
+    has a version counter of its own, as in `keep_at_rest`) by reading it; a mapping's range is
+    forgotten with the mapping."""
     from safetensors.torch import save_file
 
     from sdlite.loading import read_safetensors
@@ -233,17 +234,38 @@ def test_the_mapped_files_are_known_while_their_tensors_live(tmp_path):
     save_file({"weight": values}, str(tmp_path / "w.safetensors"))
     torch.save({"weight": values}, tmp_path / "w.ckpt")
     mapped = read_safetensors(tmp_path / "w.safetensors")["weight"]
-    loaded = torch.load(tmp_path / "w.ckpt", mmap=True, weights_only=True)["weight"]
+    loaded = torch.load(tmp_path / "w.ckpt", mmap=True, weights_only=True)["weight"].data
     assert torch.equal(mapped, values) and torch.equal(loaded, values)  # every page resident now
+    reads, read_maps = [], memory.file_mappings
+    monkeypatch.setattr(memory, "file_mappings", lambda: reads.append(1) or read_maps())
     before = resident_mib()
-    memory.release_pages([mapped, loaded])
-    assert 48 < before - resident_mib() < 96  # one of them
-    assert torch.equal(mapped, values) and torch.equal(loaded, values)
+    memory.release_pages([mapped])
+    assert before - resident_mib() > 48 and not reads
+    before = resident_mib()
+    memory.release_pages([loaded])
+    assert before - resident_mib() > 48 and reads == [1]
+    assert torch.equal(mapped, values) and torch.equal(loaded, values)  # read back from the files
     address = mapped.data_ptr()
-    assert any(lo <= address < hi for lo, hi in memory._mapped_files.values())
     del mapped
     gc.collect()
-    assert not any(lo <= address < hi for lo, hi in memory._mapped_files.values())
+    assert not any(lo <= address < hi for _, lo, hi in memory._mapped_files.values())
+
+
+@pytest.mark.skipif(memory.c_library() is None, reason="madvise needs Linux")
+def test_a_mapping_being_freed_is_no_longer_trusted(monkeypatch):
+    """Between a mapping's unmapping and the removal of its entry, its range may hold other memory:
+    an entry whose mapping is gone, or closed, releases nothing."""
+    import mmap
+
+    values = torch.arange(1 << 20, dtype=torch.float32) + 7  # anonymous, never changed in place
+    assert values._version == 0
+    start, end = memory.page_range(values)
+    closed = mmap.mmap(-1, 4096)
+    closed.close()
+    for stale in (lambda: None, lambda: closed):
+        monkeypatch.setitem(memory._mapped_files, -1, (stale, start, end))
+        memory.release_pages([values])
+        assert torch.equal(values, torch.arange(1 << 20, dtype=torch.float32) + 7)
 
 
 @pytest.mark.skipif(memory.c_library() is None, reason="madvise needs Linux")

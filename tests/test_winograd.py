@@ -86,6 +86,8 @@ def test_the_c_transforms_refuse_what_they_do_not_take():
     G = winograd.F2.matrix("G").float()
     with pytest.raises(ValueError, match="3, 3"):
         kernels.winograd_weight(torch.randn(8, 8, 1, 1), G)
+    with pytest.raises(ValueError, match="3, 3"):
+        kernels.winograd_weight(torch.randn(72), G)
     with pytest.raises(ValueError, match="t x 3"):
         kernels.winograd_weight(torch.randn(8, 8, 3, 3), G.t())
     with pytest.raises(ValueError, match="fp32"):
