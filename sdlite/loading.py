@@ -71,7 +71,8 @@ def read_safetensors(path: Path, cast_to: torch.dtype | None = None) -> dict[str
 
     The format is an 8-byte little-endian header length, a json header mapping names to
     dtype/shape/data_offsets, then the raw data. Every offset is checked against the file size so a
-    truncated or corrupt file fails here with its name, not later inside torch.
+    truncated or corrupt file fails here with its name, not later inside torch; so are tensors
+    whose bytes overlap (views of the same bytes would change together).
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -91,7 +92,7 @@ def read_safetensors(path: Path, cast_to: torch.dtype | None = None) -> dict[str
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             note_file_mapping(mapped)
         header.pop("__metadata__", None)
-        tensors = {}
+        tensors, spans = {}, []
         for name, entry in header.items():
             try:
                 kind, shape = entry["dtype"], [int(n) for n in entry["shape"]]
@@ -110,12 +111,17 @@ def read_safetensors(path: Path, cast_to: torch.dtype | None = None) -> dict[str
                     f"{path} is truncated or corrupt: tensor {name!r} needs bytes {begin}..{end} "
                     f"of a {size}-byte file"
                 )
+            spans.append((begin, end, name))
             if cast_to is not None and dtype.is_floating_point and dtype != cast_to:
                 tensors[name] = read_cast(f.fileno(), begin, numel, dtype, cast_to).reshape(shape)
             elif numel == 0 or begin % itemsize:  # unaligned data cannot be viewed in place
                 tensors[name] = read_cast(f.fileno(), begin, numel, dtype, dtype).reshape(shape)
             else:
                 tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=numel, offset=begin).reshape(shape)
+    spans = sorted(span for span in spans if span[1] > span[0])
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path} is corrupt: tensors {first!r} and {second!r} overlap in the file")
     return tensors
 
 

@@ -67,6 +67,19 @@ def test_truncated_file_names_the_file_and_tensor(tmp_path):
         read_safetensors(path)
 
 
+def test_overlapping_tensors_are_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(4), "b": torch.ones(4)}, path)
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header["b"]["data_offsets"] = [8, 24]  # half of a's bytes
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(size)  # the data stays where it was
+    path.write_bytes(data[:8] + text + data[8 + size:])
+    with pytest.raises(CheckpointError, match=r"'a' and 'b' overlap"):
+        read_safetensors(path)
+
+
 @pytest.mark.parametrize("content", [b"", b"abc", b"\xff" * 64, (20).to_bytes(8, "little") + b"{not json}" * 2])
 def test_garbage_is_not_a_safetensors_file(tmp_path, content):
     path = tmp_path / "w.safetensors"
