@@ -35,10 +35,10 @@ class Linear(nn.Linear):
     materialised per call, and those of layers with `prepack` False, are not packed
     (`onednn_weight`). With autograd recording, on other devices or dtypes it is plain nn.Linear.
 
-    Networks run once per image (the text encoders, the VAE) set `prepack` False (`unpacked`): oneDNN on the
-    plain weight still beats PyTorch's BLAS, which takes its AVX2 path on AMD CPUs. SD 2.1's text
-    encoder on two prompts (AMD EPYC, 2 threads): 0.55 s a first call and 0.50-0.53 s later ones,
-    against 0.68-0.97 and 0.58-0.75 s with nn.Linear, and 1.29 and 0.49-0.50 s packed."""
+    Networks run once per image (the text encoders, the VAE) set `prepack` False (`unpacked`):
+    oneDNN on the plain weight still beats PyTorch's BLAS, which takes its AVX2 path on AMD CPUs.
+    SD 2.1's text encoder on two prompts (AMD EPYC, 2 threads): 0.55 s a first call and 0.50-0.53
+    s later ones, against 0.68-0.97 and 0.58-0.75 s with nn.Linear, and 1.29 and 0.49-0.50 s packed."""
 
     prepack = True  # False: nothing kept packed (networks run once per image)
 
